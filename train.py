@@ -1,0 +1,29 @@
+"""Trains an OSS-Net variant and evaluates it densely on the validation cases.
+
+  python train.py --config configs/demo.py --workdir runs/demo
+  python train.py --config configs/oss_net_c.py:small --workdir runs/c --config.train.steps=300
+Rerunning the same command resumes from the latest checkpoint in WORKDIR/checkpoints.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from ossnet_jax import training
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", "configs/demo.py", "Configuration file (path[:preset]).")
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and predictions.")
+flags.mark_flag_as_required("workdir")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  result = training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if "mean" in result:
+    print(f"validation (dense, {len(result['cases'])} cases): mean Dice {result['mean']['dice']:.4f}"
+          f" IoU {result['mean']['iou']:.4f}; written to {FLAGS.workdir}/eval/metrics.json")
+
+
+if __name__ == "__main__":
+  app.run(main)
