@@ -12,7 +12,9 @@ from ossnet_jax.data.nifti import DataError, load_nifti, save_nifti
 from ossnet_jax.data.synthetic import DATASET_DIR, MODALITIES, write_synthetic_brats
 
 
-def _make_case(folder: Path, case_id: str, ext: str = ".nii.gz", seg_name: str | None = "default", skip: str | None = None) -> Path:
+def _make_case(
+    folder: Path, case_id: str, ext: str = ".nii.gz", seg_name: str | None = "default", skip: str | None = None
+) -> Path:
     """Write a tiny case folder; ``seg_name`` None omits the label, "default" uses ``<id>_seg``."""
     case = folder / case_id
     volume = np.zeros((4, 4, 3), np.int16)

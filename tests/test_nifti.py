@@ -161,7 +161,9 @@ def test_unconvertible_data_leaves_existing_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("failure", [OSError("disk full"), KeyboardInterrupt()])
-def test_interrupted_write_leaves_existing_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: BaseException) -> None:
+def test_interrupted_write_leaves_existing_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: BaseException
+) -> None:
     path = tmp_path / "keep.nii.gz"
     _write_valid(path)
     before = path.read_bytes()

@@ -152,3 +152,11 @@ def test_main_writes_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[s
     out = capsys.readouterr().out
     assert str(tmp_path / DATASET_DIR) in out
     assert (tmp_path / DATASET_DIR / "BraTS20_Training_001" / "BraTS20_Training_001_t1ce.nii.gz").is_file()
+
+
+def test_main_reports_mismatch_without_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_synthetic_brats(tmp_path, 1, 0, TINY)
+    with pytest.raises(SystemExit) as info:
+        main(["--root", str(tmp_path), "--cases", "2", "--shape", *map(str, TINY)])
+    assert info.value.code == 2
+    assert "num_cases" in capsys.readouterr().err
