@@ -14,17 +14,21 @@ flags.mark_flag_as_required("workdir")
 
 
 def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
-  config = evaluation.load_config(FLAGS.workdir)
-  result = evaluation.evaluate(config, FLAGS.workdir)
-  for case in result["cases"]:
-    scores = f"Dice {case['dice']:.4f} IoU {case['iou']:.4f} " if "dice" in case else ""
-    print(f"{case['id']}: {scores}{case['decoder_points']} decoder points, {case['seconds']:.2f} s")
-  if "mean" in result:
-    print(f"mean Dice {result['mean']['dice']:.4f} IoU {result['mean']['iou']:.4f} "
-          f"(checkpoint step {result['step']})")
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    config = evaluation.load_config(FLAGS.workdir)
+    result = evaluation.evaluate(config, FLAGS.workdir)
+    for case in result["cases"]:
+        scores = f"Dice {case['dice']:.4f} IoU {case['iou']:.4f} " if "dice" in case else ""
+        print(
+            f"{case['id']}: {scores}{case['decoder_points']} decoder points, {case['seconds']:.2f} s"
+        )
+    if "mean" in result:
+        print(
+            f"mean Dice {result['mean']['dice']:.4f} IoU {result['mean']['iou']:.4f} "
+            f"(checkpoint step {result['step']})"
+        )
 
 
 if __name__ == "__main__":
-  app.run(main)
+    app.run(main)

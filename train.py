@@ -17,13 +17,15 @@ flags.mark_flag_as_required("workdir")
 
 
 def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
-  result = training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  if "mean" in result:
-    print(f"validation (dense, {len(result['cases'])} cases): mean Dice {result['mean']['dice']:.4f}"
-          f" IoU {result['mean']['iou']:.4f}; written to {FLAGS.workdir}/eval/metrics.json")
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    result = training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    if "mean" in result:
+        print(
+            f"validation (dense, {len(result['cases'])} cases): mean Dice {result['mean']['dice']:.4f}"
+            f" IoU {result['mean']['iou']:.4f}; written to {FLAGS.workdir}/eval/metrics.json"
+        )
 
 
 if __name__ == "__main__":
-  app.run(main)
+    app.run(main)

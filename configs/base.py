@@ -4,7 +4,7 @@ Variant files import `get_base_config` and override a handful of fields. Presets
   'brats' (default) the official BraTS 2020 sizes: 240x240x155 padded to 256x256x160, 4 modalities.
   'lits'  the official LiTS sizes: CT resampled to 512^3, 1 channel, encoder 1->8->16->32->64->128.
   'small' a CPU-sized version of the same structure on the built-in synthetic BraTS-like data:
-          96x96x64 grid, 3 encoder blocks, a 128-wide decoder, 2048 locations, 900 steps.
+          96x96x64 grid, 3 encoder blocks, a 128-wide decoder, 2 x 2048 locations, 400 steps.
 Only strings, numbers, booleans and tuples of them live here.
 """
 
@@ -14,87 +14,91 @@ PRESETS = ("brats", "lits", "small")
 
 
 def get_base_config(preset: str = "brats") -> ml_collections.ConfigDict:
-  """Returns the OSS-Net C ('full') configuration for a preset; variants edit it."""
-  if preset not in PRESETS:
-    raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
-  config = ml_collections.ConfigDict()
+    """Returns the OSS-Net C ('full') configuration for a preset; variants edit it."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
+    config = ml_collections.ConfigDict()
 
-  config.data = data = ml_collections.ConfigDict()
-  data.format = "brats"  # 'synthetic' | 'brats' | 'lits' | 'msd'
-  data.root = "data/MICCAI_BraTS2020_TrainingData"
-  data.grid_shape = (256, 256, 160)  # padded full-resolution grid (voxels)
-  data.downscale = 2  # the encoder sees the grid average-pooled by this factor
-  data.label_mode = "binary"  # foreground = label > 0
-  data.val_fraction = 0.2
-  data.seed = 0
-  data.num_channels = 4  # flair, t1, t1ce, t2
-  data.band_size = 13  # border band: Sobel magnitude of the label dilated by a band_size^3 max-pool
-  data.synthetic_cases = 40  # only for format 'synthetic'
-  data.synthetic_shape = (88, 88, 58)  # only for format 'synthetic'; voxels before padding
+    config.data = data = ml_collections.ConfigDict()
+    data.format = "brats"  # 'synthetic' | 'brats' | 'lits' | 'msd'
+    data.root = "data/MICCAI_BraTS2020_TrainingData"
+    data.grid_shape = (256, 256, 160)  # padded full-resolution grid (voxels)
+    data.downscale = 2  # the encoder sees the grid average-pooled by this factor
+    data.label_mode = "binary"  # foreground = label > 0
+    data.val_fraction = 0.2
+    data.seed = 0
+    data.num_channels = 4  # flair, t1, t1ce, t2
+    data.band_size = (
+        13  # border band: Sobel magnitude of the label dilated by a band_size^3 max-pool
+    )
+    data.synthetic_cases = 40  # only for format 'synthetic'
+    data.synthetic_shape = (88, 88, 58)  # only for format 'synthetic'; voxels before padding
 
-  config.model = model = ml_collections.ConfigDict()
-  model.name = "oss_net"
-  model.encoder = "skip"  # 'plain' (one global latent) | 'skip' (one latent per decoder block + 1)
-  model.encoder_channels = (16, 32, 64, 128)  # output channels of the residual blocks
-  model.decoder_width = 512
-  model.decoder_blocks = 5
-  model.patches = True  # 7^3 local patch of every channel around each location
-  model.large_patches = False  # a 14^3 patch average-pooled to 7^3, as extra channels
-  model.patch_size = 7
-  model.seg_head = True  # low-resolution segmentation head + auxiliary loss
-  model.activation = "pau"  # 'pau' | 'relu'
-  model.dropout = 0.0
-  model.fourier_features = 0  # random Fourier features of the location (config D: 16)
-  model.fourier_scale = 4.0
-  model.location_encoding = "normalized"  # 'normalized' to [-1, 1] | 'voxel' (raw indices)
+    config.model = model = ml_collections.ConfigDict()
+    model.name = "oss_net"
+    model.encoder = (
+        "skip"  # 'plain' (one global latent) | 'skip' (one latent per decoder block + 1)
+    )
+    model.encoder_channels = (16, 32, 64, 128)  # output channels of the residual blocks
+    model.decoder_width = 512
+    model.decoder_blocks = 5
+    model.patches = True  # 7^3 local patch of every channel around each location
+    model.large_patches = False  # a 14^3 patch average-pooled to 7^3, as extra channels
+    model.patch_size = 7
+    model.seg_head = True  # low-resolution segmentation head + auxiliary loss
+    model.activation = "pau"  # 'pau' | 'relu'
+    model.dropout = 0.0
+    model.fourier_features = 0  # random Fourier features of the location (config D: 16)
+    model.fourier_scale = 4.0
+    model.location_encoding = "normalized"  # 'normalized' to [-1, 1] | 'voxel' (raw indices)
 
-  config.train = train = ml_collections.ConfigDict()
-  train.steps = 1850  # 50 epochs of the 295 training volumes of an 80/20 split at batch 8
-  train.batch_size = 8
-  train.num_points = 2**14
-  train.border_fraction = 0.0  # the published runs sampled uniformly
-  train.learning_rate = 3e-4
-  train.pau_lr_multiplier = 10.0  # PAU coefficients at 1e-2 / 1e-3 of the official recipe
-  train.lr_decay_fractions = (0.4, 0.6)  # lr x0.1 at 40% and 60% of the steps
-  train.lookahead_steps = 5
-  train.lookahead_alpha = 0.8
-  train.seg_loss_weight = 0.1
-  train.flip_probability = 0.5
-  train.brightness_shift = 0.15
-  train.noise_std = 0.15
-  train.augment_probability = 0.5
-  train.eval_every = 1000
-  train.eval_points = 2**14  # locations per validation case for the metrics logged while training
-  train.checkpoint_every = 1000
-  train.log_every = 50
-  train.seed = 0
+    config.train = train = ml_collections.ConfigDict()
+    train.steps = 1850  # 50 epochs of the 295 training volumes of an 80/20 split at batch 8
+    train.batch_size = 8
+    train.num_points = 2**14
+    train.border_fraction = 0.0  # the published runs sampled uniformly
+    train.learning_rate = 3e-4
+    train.pau_lr_multiplier = 10.0  # PAU coefficients at 1e-2 / 1e-3 of the official recipe
+    train.lr_decay_fractions = (0.4, 0.6)  # lr x0.1 at 40% and 60% of the steps
+    train.lookahead_steps = 5
+    train.lookahead_alpha = 0.8
+    train.seg_loss_weight = 0.1
+    train.flip_probability = 0.5
+    train.brightness_shift = 0.15
+    train.noise_std = 0.15
+    train.augment_probability = 0.5
+    train.eval_every = 185  # every 5 epochs
+    train.eval_points = 2**14  # locations per validation case for the metrics logged while training
+    train.checkpoint_every = 185
+    train.log_every = 50
+    train.seed = 0
 
-  config.eval = ev = ml_collections.ConfigDict()
-  ev.threshold = 0.5
-  ev.strides = (4, 2, 1)
-  ev.seeded = True
-  ev.batch_points = 2**15
+    config.eval = ev = ml_collections.ConfigDict()
+    ev.threshold = 0.5
+    ev.strides = (4, 2, 1)
+    ev.seeded = True
+    ev.batch_points = 2**15
 
-  if preset == "lits":
-    data.format = "lits"
-    data.root = "data/LiTS"
-    data.grid_shape = (512, 512, 512)
-    data.num_channels = 1
-    model.encoder_channels = (8, 16, 32, 64, 128)
-  elif preset == "small":
-    data.format = "synthetic"
-    data.root = "data/synthetic_brats"
-    data.grid_shape = (96, 96, 64)
-    data.synthetic_cases = 40
-    model.encoder_channels = (16, 32, 64)
-    model.decoder_width = 128
-    train.steps = 900
-    train.batch_size = 4
-    train.num_points = 2048
-    train.border_fraction = 0.5
-    train.learning_rate = 1e-3
-    train.eval_every = 300
-    train.eval_points = 8192
-    train.checkpoint_every = 300
-    ev.batch_points = 8192
-  return config
+    if preset == "lits":
+        data.format = "lits"
+        data.root = "data/LiTS"
+        data.grid_shape = (512, 512, 512)
+        data.num_channels = 1
+        model.encoder_channels = (8, 16, 32, 64, 128)
+    elif preset == "small":
+        data.format = "synthetic"
+        data.root = "data/synthetic_brats"
+        data.grid_shape = (96, 96, 64)
+        data.synthetic_cases = 40
+        model.encoder_channels = (16, 32, 64)
+        model.decoder_width = 128
+        train.steps = 400
+        train.batch_size = 2
+        train.num_points = 2048
+        train.border_fraction = 0.5
+        train.learning_rate = 1e-3
+        train.eval_every = 100
+        train.eval_points = 8192
+        train.checkpoint_every = 100
+        ev.batch_points = 8192
+    return config

@@ -11,4 +11,4 @@ from configs import oss_net_c
 
 
 def get_config(arg: str = "small") -> ml_collections.ConfigDict:
-  return oss_net_c.get_config(arg)
+    return oss_net_c.get_config(arg)

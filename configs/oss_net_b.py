@@ -10,8 +10,8 @@ from configs.base import get_base_config
 
 
 def get_config(arg: str = "brats") -> ml_collections.ConfigDict:
-  config = get_base_config(arg)
-  config.model.encoder = "plain"
-  config.model.seg_head = False
-  config.model.large_patches = True
-  return config
+    config = get_base_config(arg)
+    config.model.encoder = "plain"
+    config.model.seg_head = False
+    config.model.large_patches = True
+    return config

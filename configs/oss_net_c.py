@@ -10,4 +10,4 @@ from configs.base import get_base_config
 
 
 def get_config(arg: str = "brats") -> ml_collections.ConfigDict:
-  return get_base_config(arg)
+    return get_base_config(arg)

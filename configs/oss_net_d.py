@@ -10,7 +10,7 @@ from configs.base import get_base_config
 
 
 def get_config(arg: str = "brats") -> ml_collections.ConfigDict:
-  config = get_base_config(arg)
-  config.model.large_patches = True
-  config.model.fourier_features = 16
-  return config
+    config = get_base_config(arg)
+    config.model.large_patches = True
+    config.model.fourier_features = 16
+    return config

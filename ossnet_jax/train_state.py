@@ -16,68 +16,88 @@ from ossnet_jax.models.oss_net import OSSNet, downscale, observe, patch_source
 
 @flax.struct.dataclass
 class TrainState:
-  """step: () int32; params: optax.LookaheadParams (fast for gradients, slow for evaluation)."""
+    """step: () int32; params: optax.LookaheadParams (fast for gradients, slow for evaluation)."""
 
-  step: jax.Array
-  params: optax.LookaheadParams
-  batch_stats: Any
-  opt_state: optax.OptState
+    step: jax.Array
+    params: optax.LookaheadParams
+    batch_stats: Any
+    opt_state: optax.OptState
 
 
 def lr_schedule(train_cfg: ml_collections.ConfigDict) -> optax.Schedule:
-  """train.learning_rate, multiplied by 0.1 at each of train.lr_decay_fractions of train.steps."""
-  boundaries = {}
-  for f in train_cfg.lr_decay_fractions:
-    step = int(f * train_cfg.steps)
-    boundaries[step] = boundaries.get(step, 1.0) * 0.1
-  return optax.piecewise_constant_schedule(train_cfg.learning_rate, boundaries)
+    """train.learning_rate, multiplied by 0.1 at each of train.lr_decay_fractions of train.steps."""
+    boundaries = {}
+    for f in train_cfg.lr_decay_fractions:
+        step = int(f * train_cfg.steps)
+        boundaries[step] = boundaries.get(step, 1.0) * 0.1
+    return optax.piecewise_constant_schedule(train_cfg.learning_rate, boundaries)
 
 
 def _pau_labels(params: Any) -> Any:
-  """'pau' for Pade coefficients (trained at a higher rate), 'default' for everything else."""
-  def label(path, _):
-    name = getattr(path[-1], "key", "")
-    return "pau" if name in ("numerator", "denominator") else "default"
-  return jax.tree_util.tree_map_with_path(label, params)
+    """'pau' for Pade coefficients (trained at a higher rate), 'default' for everything else."""
+
+    def label(path, _):
+        name = getattr(path[-1], "key", "")
+        return "pau" if name in ("numerator", "denominator") else "default"
+
+    return jax.tree_util.tree_map_with_path(label, params)
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """RAdam inside Lookahead (k, alpha), the PAU coefficients at pau_lr_multiplier x the rate."""
-  t = config.train
-  schedule = lr_schedule(t)
-  inner = optax.multi_transform(
-      {"default": optax.radam(schedule),
-       "pau": optax.radam(lambda step: schedule(step) * t.pau_lr_multiplier)},
-      _pau_labels)
-  return optax.lookahead(inner, sync_period=t.lookahead_steps, slow_step_size=t.lookahead_alpha)
+    """RAdam inside Lookahead (k, alpha), the PAU coefficients at pau_lr_multiplier x the rate."""
+    t = config.train
+    schedule = lr_schedule(t)
+    inner = optax.multi_transform(
+        {
+            "default": optax.radam(schedule),
+            "pau": optax.radam(lambda step: schedule(step) * t.pau_lr_multiplier),
+        },
+        _pau_labels,
+    )
+    return optax.lookahead(inner, sync_period=t.lookahead_steps, slow_step_size=t.lookahead_alpha)
 
 
 def patch_channels(config: ml_collections.ConfigDict) -> int:
-  return config.data.num_channels * (2 if config.model.large_patches else 1)
+    return config.data.num_channels * (2 if config.model.large_patches else 1)
 
 
-def model_inputs(config: ml_collections.ConfigDict, image: jax.Array,
-                 locations: jax.Array) -> tuple[jax.Array, Optional[jax.Array]]:
-  """Encoder input (B, X/d, Y/d, Z/d, C) and patches (B, N, 7, 7, 7, Cp) (None without patches)."""
-  low = downscale(image, config.data.downscale)
-  if not config.model.patches:
-    return low, None
-  size, large = config.model.patch_size, config.model.large_patches
-  patches = jax.vmap(lambda v, l: observe(patch_source(v, large), l, size))(image, locations)
-  return low, patches
+def model_inputs(
+    config: ml_collections.ConfigDict, image: jax.Array, locations: jax.Array
+) -> tuple[jax.Array, Optional[jax.Array]]:
+    """Encoder input (B, X/d, Y/d, Z/d, C) and patches (B, N, 7, 7, 7, Cp) (None without patches)."""
+    low = downscale(image, config.data.downscale)
+    if not config.model.patches:
+        return low, None
+    size, large = config.model.patch_size, config.model.large_patches
+    patches = jax.vmap(lambda v, loc: observe(patch_source(v, large), loc, size))(image, locations)
+    return low, patches
 
 
-def init_state(config: ml_collections.ConfigDict, model: OSSNet, tx: optax.GradientTransformation,
-               rng: jax.Array) -> TrainState:
-  """Fresh parameters and optimizer state for one-volume input shapes of the config."""
-  grid = tuple(config.data.grid_shape)
-  d = config.data.downscale
-  low = jnp.zeros((1,) + tuple(g // d for g in grid) + (config.data.num_channels,))
-  locs = jnp.zeros((1, 2, 3), jnp.int32)
-  size = config.model.patch_size
-  patches = jnp.zeros((1, 2, size, size, size, patch_channels(config))) if config.model.patches else None
-  variables = model.init({"params": rng}, low, locs, patches, train=False)
-  params = optax.LookaheadParams.init_synced(variables["params"])
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                     batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
-  return jax.tree.map(jnp.copy, state)  # distinct buffers (fast and slow start equal), so it can be donated
+def init_state(
+    config: ml_collections.ConfigDict,
+    model: OSSNet,
+    tx: optax.GradientTransformation,
+    rng: jax.Array,
+) -> TrainState:
+    """Fresh parameters and optimizer state for one-volume input shapes of the config."""
+    grid = tuple(config.data.grid_shape)
+    d = config.data.downscale
+    low = jnp.zeros((1,) + tuple(g // d for g in grid) + (config.data.num_channels,))
+    locs = jnp.zeros((1, 2, 3), jnp.int32)
+    size = config.model.patch_size
+    patches = (
+        jnp.zeros((1, 2, size, size, size, patch_channels(config)))
+        if config.model.patches
+        else None
+    )
+    variables = model.init({"params": rng}, low, locs, patches, train=False)
+    params = optax.LookaheadParams.init_synced(variables["params"])
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+    )
+    return jax.tree.map(
+        jnp.copy, state
+    )  # distinct buffers (fast and slow start equal), so it can be donated

@@ -15,7 +15,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from tqdm import tqdm
 
@@ -23,139 +22,200 @@ from ossnet_jax import checkpointing, evaluation, losses, metrics
 from ossnet_jax.data import augment, dataset, sampling
 from ossnet_jax.data.prefetch import Prefetcher
 from ossnet_jax.models.oss_net import OSSNet, build_model
-from ossnet_jax.train_state import (TrainState, init_state, lr_schedule, make_optimizer,
-                                    model_inputs)
+from ossnet_jax.train_state import TrainState, init_state, lr_schedule, make_optimizer, model_inputs
 
 
-def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: OSSNet,
-               tx: optax.GradientTransformation,
-               config: ml_collections.ConfigDict) -> tuple[TrainState, dict]:
-  """One update from a batch {'image' (B,X,Y,Z,C), 'target' (B,X,Y,Z), 'band' (B,X,Y,Z)}."""
-  t = config.train
-  rng = jax.random.fold_in(rng, state.step)
-  k_aug, k_loc, k_drop = jax.random.split(rng, 3)
-  b = batch["image"].shape[0]
-  image, target, band = jax.vmap(lambda k, i, g, d: augment.augment(k, i, g, d, t))(
-      jax.random.split(k_aug, b), batch["image"], batch["target"], batch["band"])
-  locs = jax.vmap(lambda k, d: sampling.sample_locations(k, d, t.num_points, t.border_fraction))(
-      jax.random.split(k_loc, b), band)
-  labels = jax.vmap(sampling.take_at)(target, locs)
-  low, patches = model_inputs(config, image, locs)
+def train_step(
+    state: TrainState,
+    batch: dict,
+    rng: jax.Array,
+    *,
+    model: OSSNet,
+    tx: optax.GradientTransformation,
+    config: ml_collections.ConfigDict,
+) -> tuple[TrainState, dict]:
+    """One update from a batch {'image' (B,X,Y,Z,C), 'target' (B,X,Y,Z), 'band' (B,X,Y,Z)}."""
+    t = config.train
+    rng = jax.random.fold_in(rng, state.step)
+    k_aug, k_loc, k_drop = jax.random.split(rng, 3)
+    b = batch["image"].shape[0]
+    image, target, band = jax.vmap(lambda k, i, g, d: augment.augment(k, i, g, d, t))(
+        jax.random.split(k_aug, b), batch["image"], batch["target"], batch["band"]
+    )
+    locs = jax.vmap(lambda k, d: sampling.sample_locations(k, d, t.num_points, t.border_fraction))(
+        jax.random.split(k_loc, b), band
+    )
+    labels = jax.vmap(sampling.take_at)(target, locs)
+    low, patches = model_inputs(config, image, locs)
 
-  def loss_fn(fast):
-    (logits, seg), mutated = model.apply(
-        {"params": fast, "batch_stats": state.batch_stats}, low, locs, patches, train=True,
-        rngs={"dropout": k_drop}, mutable=["batch_stats"])
-    point_loss = losses.bce(logits, labels)
-    seg_loss = jnp.zeros(())
-    if seg is not None:
-      seg_loss = losses.bce(seg, losses.max_pool_target(target, seg.shape[1:]))
-    return point_loss + t.seg_loss_weight * seg_loss, (mutated["batch_stats"], logits, point_loss,
-                                                       seg_loss)
+    def loss_fn(fast):
+        (logits, seg), mutated = model.apply(
+            {"params": fast, "batch_stats": state.batch_stats},
+            low,
+            locs,
+            patches,
+            train=True,
+            rngs={"dropout": k_drop},
+            mutable=["batch_stats"],
+        )
+        point_loss = losses.bce(logits, labels)
+        seg_loss = jnp.zeros(())
+        if seg is not None:
+            seg_loss = losses.bce(seg, losses.max_pool_target(target, seg.shape[1:]))
+        return point_loss + t.seg_loss_weight * seg_loss, (
+            mutated["batch_stats"],
+            logits,
+            point_loss,
+            seg_loss,
+        )
 
-  grads, (batch_stats, logits, point_loss, seg_loss) = jax.grad(loss_fn, has_aux=True)(
-      state.params.fast)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                            batch_stats=batch_stats, opt_state=opt_state)
-  out = {"loss": point_loss + t.seg_loss_weight * seg_loss, "point_loss": point_loss,
-         "seg_loss": seg_loss, "learning_rate": lr_schedule(t)(state.step),
-         **metrics.point_counts(logits, labels)}
-  return new_state, out
+    grads, (batch_stats, logits, point_loss, seg_loss) = jax.grad(loss_fn, has_aux=True)(
+        state.params.fast
+    )
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+    )
+    out = {
+        "loss": point_loss + t.seg_loss_weight * seg_loss,
+        "point_loss": point_loss,
+        "seg_loss": seg_loss,
+        "learning_rate": lr_schedule(t)(state.step),
+        **metrics.point_counts(logits, labels),
+    }
+    return new_state, out
 
 
-def point_eval_step(state: TrainState, image: jax.Array, target: jax.Array, locs: jax.Array, *,
-                    model: OSSNet, config: ml_collections.ConfigDict) -> dict:
-  """tp/fp/fn of the slow parameters at fixed locations (B, N, 3) of validation volumes."""
-  low, patches = model_inputs(config, image, locs)
-  logits, _ = model.apply({"params": state.params.slow, "batch_stats": state.batch_stats}, low, locs,
-                          patches, train=False)
-  return metrics.point_counts(logits, jax.vmap(sampling.take_at)(target, locs),
-                              config.eval.threshold)
+def point_eval_step(
+    state: TrainState,
+    image: jax.Array,
+    target: jax.Array,
+    locs: jax.Array,
+    *,
+    model: OSSNet,
+    config: ml_collections.ConfigDict,
+) -> dict:
+    """tp/fp/fn of the slow parameters at fixed locations (B, N, 3) of validation volumes."""
+    low, patches = model_inputs(config, image, locs)
+    logits, _ = model.apply(
+        {"params": state.params.slow, "batch_stats": state.batch_stats},
+        low,
+        locs,
+        patches,
+        train=False,
+    )
+    return metrics.point_counts(
+        logits, jax.vmap(sampling.take_at)(target, locs), config.eval.threshold
+    )
 
 
 class PointValidator:
-  """Validation Dice/IoU at fixed sampled locations of each validation case (logged while training)."""
+    """Validation Dice/IoU at fixed sampled locations of each validation case (logged while training)."""
 
-  def __init__(self, cases: list, config: ml_collections.ConfigDict, model: OSSNet):
-    self.cases = cases
-    key = jax.random.key(config.train.seed + 1)
-    t = config.train
-    self.locations = [
-        sampling.sample_locations(jax.random.fold_in(key, i), jnp.asarray(c.band), t.eval_points,
-                                  t.border_fraction)[None] for i, c in enumerate(cases)]
-    self.step = jax.jit(functools.partial(point_eval_step, model=model, config=config))
+    def __init__(self, cases: list, config: ml_collections.ConfigDict, model: OSSNet):
+        self.cases = cases
+        key = jax.random.key(config.train.seed + 1)
+        t = config.train
+        self.locations = [
+            sampling.sample_locations(
+                jax.random.fold_in(key, i), jnp.asarray(c.band), t.eval_points, t.border_fraction
+            )[None]
+            for i, c in enumerate(cases)
+        ]
+        self.step = jax.jit(functools.partial(point_eval_step, model=model, config=config))
 
-  def __call__(self, state: TrainState) -> dict:
-    totals = {"tp": 0, "fp": 0, "fn": 0}
-    for case, locs in zip(self.cases, self.locations):
-      counts = self.step(state, jnp.asarray(case.image)[None], jnp.asarray(case.target)[None], locs)
-      for k in totals:
-        totals[k] += int(counts[k])
-    return {"val_dice": metrics.dice_from_counts(totals), "val_iou": metrics.iou_from_counts(totals)}
+    def __call__(self, state: TrainState) -> dict:
+        totals = {"tp": 0, "fp": 0, "fn": 0}
+        for case, locs in zip(self.cases, self.locations):
+            counts = self.step(
+                state, jnp.asarray(case.image)[None], jnp.asarray(case.target)[None], locs
+            )
+            for k in totals:
+                totals[k] += int(counts[k])
+        return {
+            "val_dice": metrics.dice_from_counts(totals),
+            "val_iou": metrics.iou_from_counts(totals),
+        }
 
 
 def _write_json(path: pathlib.Path, payload: Any) -> None:
-  tmp = path.with_name(f".{path.name}.tmp")
-  tmp.write_text(json.dumps(payload, indent=2))
-  tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(path)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (resuming from WORKDIR/checkpoints if present), then evaluates densely; returns eval metrics."""
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  _write_json(workdir / "config.json", json.loads(config.to_json()))
-  train_cases, val_cases = dataset.load_split(config)
-  t = config.train
-  model = build_model(config)
-  tx = make_optimizer(config)
-  state = init_state(config, model, tx, jax.random.key(t.seed))
-  ckpt = checkpointing.Checkpoints(workdir)
-  start = ckpt.latest_step() or 0
-  if start:
-    state = ckpt.restore(start, state)
-    print(f"resuming from step {start} of {workdir / 'checkpoints'}")
-  step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, config=config),
-                    donate_argnums=0)
-  validate = PointValidator(val_cases, config, model) if val_cases else None
-  rng = jax.random.key(t.seed)
-  cases_of = lambda s: [train_cases[i] for i in dataset.case_indices(
-      s, t.batch_size, len(train_cases), t.seed)]
-  log_path = workdir / "metrics.jsonl"
-  tick, wait = time.perf_counter(), 0.0
-  with Prefetcher(lambda s: dataset.stack_batch(cases_of(s)), start, t.steps) as batches, \
-       tqdm(total=t.steps, initial=start, desc="train", dynamic_ncols=True) as bar, \
-       open(log_path, "a") as log:
-    for step in range(start, t.steps):
-      waited = time.perf_counter()
-      batch = next(batches)
-      wait += time.perf_counter() - waited
-      state, out = step_fn(state, batch, rng)
-      done = step + 1
-      if done % t.log_every == 0 or done == t.steps:
-        out = jax.device_get(out)
-        elapsed = time.perf_counter() - tick
-        record = {"step": done, "loss": float(out["loss"]), "point_loss": float(out["point_loss"]),
-                  "seg_loss": float(out["seg_loss"]), "learning_rate": float(out["learning_rate"]),
-                  "dice": metrics.dice_from_counts(out),
-                  "points_per_s": t.batch_size * t.num_points * (done - bar.n) / elapsed,
-                  "input_wait_fraction": wait / elapsed}
-        log.write(json.dumps(record) + "\n")
-        log.flush()
-        bar.set_postfix(loss=f"{record['loss']:.4f}", dice=f"{record['dice']:.3f}",
-                        pts_s=f"{record['points_per_s']:.0f}")
-        bar.update(done - bar.n)
-      evaluate_now = validate is not None and (done % t.eval_every == 0 or done == t.steps)
-      val = validate(state) if evaluate_now else None
-      if val is not None:
-        log.write(json.dumps({"step": done, **val}) + "\n")
-        log.flush()
-        tqdm.write(f"step {done}: validation Dice {val['val_dice']:.4f} IoU {val['val_iou']:.4f}"
-                   " (sampled locations)")
-      if val is not None or done % t.checkpoint_every == 0 or done == t.steps:
-        ckpt.save(done, state, val)
-      if done == bar.n:  # a window was just logged: time the next one from here
-        tick, wait = time.perf_counter(), 0.0
-  ckpt.close()
-  return evaluation.evaluate(config, workdir, val_cases)
+    """Trains (resuming from WORKDIR/checkpoints if present), then evaluates densely; returns eval metrics."""
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    _write_json(workdir / "config.json", json.loads(config.to_json()))
+    train_cases, val_cases = dataset.load_split(config)
+    t = config.train
+    model = build_model(config)
+    tx = make_optimizer(config)
+    state = init_state(config, model, tx, jax.random.key(t.seed))
+    ckpt = checkpointing.Checkpoints(workdir)
+    start = ckpt.latest_step() or 0
+    if start:
+        state = ckpt.restore(start, state)
+        print(f"resuming from step {start} of {workdir / 'checkpoints'}")
+    step_fn = jax.jit(
+        functools.partial(train_step, model=model, tx=tx, config=config), donate_argnums=0
+    )
+    validate = PointValidator(val_cases, config, model) if val_cases else None
+    rng = jax.random.key(t.seed)
+    cases_of = lambda s: [
+        train_cases[i] for i in dataset.case_indices(s, t.batch_size, len(train_cases), t.seed)
+    ]
+    log_path = workdir / "metrics.jsonl"
+    tick, wait = time.perf_counter(), 0.0
+    with (
+        Prefetcher(lambda s: dataset.stack_batch(cases_of(s)), start, t.steps) as batches,
+        tqdm(total=t.steps, initial=start, desc="train", dynamic_ncols=True) as bar,
+        open(log_path, "a") as log,
+    ):
+        for step in range(start, t.steps):
+            waited = time.perf_counter()
+            batch = next(batches)
+            wait += time.perf_counter() - waited
+            state, out = step_fn(state, batch, rng)
+            done = step + 1
+            if done % t.log_every == 0 or done == t.steps:
+                out = jax.device_get(out)
+                elapsed = time.perf_counter() - tick
+                record = {
+                    "step": done,
+                    "loss": float(out["loss"]),
+                    "point_loss": float(out["point_loss"]),
+                    "seg_loss": float(out["seg_loss"]),
+                    "learning_rate": float(out["learning_rate"]),
+                    "dice": metrics.dice_from_counts(out),
+                    "points_per_s": t.batch_size * t.num_points * (done - bar.n) / elapsed,
+                    "input_wait_fraction": wait / elapsed,
+                }
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                bar.set_postfix(
+                    loss=f"{record['loss']:.4f}",
+                    dice=f"{record['dice']:.3f}",
+                    pts_s=f"{record['points_per_s']:.0f}",
+                )
+                bar.update(done - bar.n)
+            evaluate_now = validate is not None and (done % t.eval_every == 0 or done == t.steps)
+            val = validate(state) if evaluate_now else None
+            if val is not None:
+                log.write(json.dumps({"step": done, **val}) + "\n")
+                log.flush()
+                tqdm.write(
+                    f"step {done}: validation Dice {val['val_dice']:.4f} IoU {val['val_iou']:.4f}"
+                    " (sampled locations)"
+                )
+            if val is not None or done % t.checkpoint_every == 0 or done == t.steps:
+                ckpt.save(done, state, val)
+            if done == bar.n:  # a window was just logged: time the next one from here
+                tick, wait = time.perf_counter(), 0.0
+    ckpt.close()
+    return evaluation.evaluate(config, workdir, val_cases)

@@ -11,31 +11,31 @@ TINY_GRID = (32, 32, 16)  # divisible by downscale 2 x 2^2 blocks
 
 
 def tiny_config(root: pathlib.Path, **model) -> ml_collections.ConfigDict:
-  """The demo config shrunk for tests: 6 cases of 28x28x16 on a 32x32x16 grid, a 16-wide decoder."""
-  config = demo.get_config()
-  config.data.root = str(root)
-  config.data.grid_shape = TINY_GRID
-  config.data.synthetic_shape = (28, 28, 16)
-  config.data.synthetic_cases = 6
-  config.data.val_fraction = 0.34
-  config.data.band_size = 5
-  config.model.encoder_channels = (4, 8)
-  config.model.decoder_width = 16
-  config.model.decoder_blocks = 2
-  for key, value in model.items():
-    config.model[key] = value
-  config.train.steps = 4
-  config.train.batch_size = 2
-  config.train.num_points = 128
-  config.train.eval_points = 256
-  config.train.log_every = 2
-  config.train.eval_every = 2
-  config.train.checkpoint_every = 2
-  config.eval.batch_points = 1024
-  return config
+    """The demo config shrunk for tests: 6 cases of 28x28x16 on a 32x32x16 grid, a 16-wide decoder."""
+    config = demo.get_config()
+    config.data.root = str(root)
+    config.data.grid_shape = TINY_GRID
+    config.data.synthetic_shape = (28, 28, 16)
+    config.data.synthetic_cases = 6
+    config.data.val_fraction = 0.34
+    config.data.band_size = 5
+    config.model.encoder_channels = (4, 8)
+    config.model.decoder_width = 16
+    config.model.decoder_blocks = 2
+    for key, value in model.items():
+        config.model[key] = value
+    config.train.steps = 4
+    config.train.batch_size = 2
+    config.train.num_points = 128
+    config.train.eval_points = 256
+    config.train.log_every = 2
+    config.train.eval_every = 2
+    config.train.checkpoint_every = 2
+    config.eval.batch_points = 1024
+    return config
 
 
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> pathlib.Path:
-  """A folder holding the tiny synthetic dataset (written once per test session)."""
-  return tmp_path_factory.mktemp("synthetic")
+    """A folder holding the tiny synthetic dataset (written once per test session)."""
+    return tmp_path_factory.mktemp("synthetic")

@@ -8,70 +8,72 @@ from tests.conftest import TINY_GRID, tiny_config
 
 
 def test_zscore_per_channel_over_nonzero_voxels():
-  rng = np.random.default_rng(0)
-  image = np.zeros((6, 6, 6, 2))
-  image[1:5, 1:5, 1:5, 0] = rng.normal(100, 10, (4, 4, 4))
-  image[1:5, 1:5, 1:5, 1] = rng.normal(-3, 2, (4, 4, 4))
-  out = preprocess.zscore(image)
-  inside = out[1:5, 1:5, 1:5]
-  np.testing.assert_allclose(inside.reshape(-1, 2).mean(0), 0, atol=1e-5)
-  np.testing.assert_allclose(inside.reshape(-1, 2).std(0), 1, atol=1e-5)
-  assert out[0].max() == 0 and out[0].min() == 0
+    rng = np.random.default_rng(0)
+    image = np.zeros((6, 6, 6, 2))
+    image[1:5, 1:5, 1:5, 0] = rng.normal(100, 10, (4, 4, 4))
+    image[1:5, 1:5, 1:5, 1] = rng.normal(-3, 2, (4, 4, 4))
+    out = preprocess.zscore(image)
+    inside = out[1:5, 1:5, 1:5]
+    np.testing.assert_allclose(inside.reshape(-1, 2).mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(inside.reshape(-1, 2).std(0), 1, atol=1e-5)
+    assert out[0].max() == 0 and out[0].min() == 0
 
 
 def test_pad_and_crop_round_trip():
-  array = np.arange(5 * 4 * 3).reshape(5, 4, 3)
-  offsets = preprocess.centre_offsets(array.shape, (8, 8, 4))
-  assert offsets == (1, 2, 0)
-  padded = preprocess.pad_to_grid(array, (8, 8, 4), offsets)
-  assert padded.shape == (8, 8, 4) and padded.sum() == array.sum()
-  np.testing.assert_array_equal(preprocess.crop_from_grid(padded, array.shape, offsets), array)
-  with pytest.raises(ValueError, match="does not fit"):
-    preprocess.centre_offsets((9, 4, 3), (8, 8, 4))
+    array = np.arange(5 * 4 * 3).reshape(5, 4, 3)
+    offsets = preprocess.centre_offsets(array.shape, (8, 8, 4))
+    assert offsets == (1, 2, 0)
+    padded = preprocess.pad_to_grid(array, (8, 8, 4), offsets)
+    assert padded.shape == (8, 8, 4) and padded.sum() == array.sum()
+    np.testing.assert_array_equal(preprocess.crop_from_grid(padded, array.shape, offsets), array)
+    with pytest.raises(ValueError, match="does not fit"):
+        preprocess.centre_offsets((9, 4, 3), (8, 8, 4))
 
 
 def test_split_is_deterministic_and_disjoint():
-  ids = [f"case{i:02d}" for i in range(20)]
-  train, val = dataset.split_ids(ids, 0.2, seed=3)
-  assert (train, val) == dataset.split_ids(ids, 0.2, seed=3)
-  assert len(val) == 4 and not set(train) & set(val) and sorted(train + val) == ids
-  assert dataset.split_ids(ids, 0.2, seed=4)[1] != val
+    ids = [f"case{i:02d}" for i in range(20)]
+    train, val = dataset.split_ids(ids, 0.2, seed=3)
+    assert (train, val) == dataset.split_ids(ids, 0.2, seed=3)
+    assert len(val) == 4 and not set(train) & set(val) and sorted(train + val) == ids
+    assert dataset.split_ids(ids, 0.2, seed=4)[1] != val
 
 
 def test_case_indices_cover_each_epoch_once():
-  seen = np.concatenate([dataset.case_indices(s, 3, 9, seed=0) for s in range(3)])
-  assert sorted(seen) == list(range(9))
-  np.testing.assert_array_equal(dataset.case_indices(5, 3, 9, 0), dataset.case_indices(5, 3, 9, 0))
+    seen = np.concatenate([dataset.case_indices(s, 3, 9, seed=0) for s in range(3)])
+    assert sorted(seen) == list(range(9))
+    np.testing.assert_array_equal(
+        dataset.case_indices(5, 3, 9, 0), dataset.case_indices(5, 3, 9, 0)
+    )
 
 
 def test_cache_is_built_once_and_read_without_nifti(synthetic_root, monkeypatch):
-  config = tiny_config(synthetic_root)
-  train, val = dataset.load_split(config)
-  assert len(train) == 4 and len(val) == 2
-  case = train[0]
-  assert case.image.shape == TINY_GRID + (4,) and case.image.dtype == np.float32
-  assert case.target.shape == TINY_GRID and set(np.unique(case.target)) <= {0, 1}
-  assert case.shape == (28, 28, 16) and case.offsets == (2, 2, 0)
-  assert case.band[case.target.astype(bool)].any()
+    config = tiny_config(synthetic_root)
+    train, val = dataset.load_split(config)
+    assert len(train) == 4 and len(val) == 2
+    case = train[0]
+    assert case.image.shape == TINY_GRID + (4,) and case.image.dtype == np.float32
+    assert case.target.shape == TINY_GRID and set(np.unique(case.target)) <= {0, 1}
+    assert case.shape == (28, 28, 16) and case.offsets == (2, 2, 0)
+    assert case.band[case.target.astype(bool)].any()
 
-  def no_reads(path, **kwargs):
-    raise AssertionError(f"NIfTI read from {path}")
+    def no_reads(path, **kwargs):
+        raise AssertionError(f"NIfTI read from {path}")
 
-  monkeypatch.setattr(nifti, "load_nifti", no_reads)
-  again, _ = dataset.load_split(config)
-  np.testing.assert_array_equal(np.asarray(again[0].image), np.asarray(case.image))
+    monkeypatch.setattr(nifti, "load_nifti", no_reads)
+    again, _ = dataset.load_split(config)
+    np.testing.assert_array_equal(np.asarray(again[0].image), np.asarray(case.image))
 
 
 def test_cache_key_changes_with_preprocessing(synthetic_root):
-  config = tiny_config(synthetic_root)
-  case = dataset.find_cases(config)[0]
-  key = dataset._cache_key(case, config)
-  config.data.band_size = 7
-  assert dataset._cache_key(case, config) != key
+    config = tiny_config(synthetic_root)
+    case = dataset.find_cases(config)[0]
+    key = dataset._cache_key(case, config)
+    config.data.band_size = 7
+    assert dataset._cache_key(case, config) != key
 
 
 def test_volume_too_large_for_grid_names_the_file(synthetic_root):
-  config = tiny_config(synthetic_root)
-  config.data.grid_shape = (16, 32, 16)
-  with pytest.raises(nifti.DataError, match="flair.nii.gz.*does not fit"):
-    dataset.load_split(config)
+    config = tiny_config(synthetic_root)
+    config.data.grid_shape = (16, 32, 16)
+    with pytest.raises(nifti.DataError, match="flair.nii.gz.*does not fit"):
+        dataset.load_split(config)

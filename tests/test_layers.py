@@ -9,74 +9,85 @@ from ossnet_jax.models import layers
 
 
 def test_pau_near_leaky_relu_at_init():
-  x = np.linspace(-3, 3, 601)
-  module = layers.PAU()
-  variables = module.init(jax.random.key(0), jnp.asarray(x, jnp.float32))
-  y = np.asarray(module.apply(variables, jnp.asarray(x, jnp.float32)), np.float64)
-  leaky = np.where(x > 0, x, 0.01 * x)
-  assert np.max(np.abs(y - leaky)) < 0.035
-  assert np.sqrt(np.mean((y - leaky) ** 2)) < 0.01
+    x = np.linspace(-3, 3, 601)
+    module = layers.PAU()
+    variables = module.init(jax.random.key(0), jnp.asarray(x, jnp.float32))
+    y = np.asarray(module.apply(variables, jnp.asarray(x, jnp.float32)), np.float64)
+    leaky = np.where(x > 0, x, 0.01 * x)
+    assert np.max(np.abs(y - leaky)) < 0.035
+    assert np.sqrt(np.mean((y - leaky) ** 2)) < 0.01
 
 
 def test_pau_matches_rational_formula():
-  rng = np.random.default_rng(0)
-  x = rng.normal(size=50) * 2
-  a, b = rng.normal(size=6), rng.normal(size=4)
-  expected = sum(a[i] * x**i for i in range(6)) / (1 + sum(np.abs(b[j] * x ** (j + 1)) for j in range(4)))
-  got = layers.pau(jnp.asarray(x, jnp.float32), jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
-  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-4)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=50) * 2
+    a, b = rng.normal(size=6), rng.normal(size=4)
+    expected = sum(a[i] * x**i for i in range(6)) / (
+        1 + sum(np.abs(b[j] * x ** (j + 1)) for j in range(4))
+    )
+    got = layers.pau(
+        jnp.asarray(x, jnp.float32), jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    )
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_make_activation_rejects_unknown():
-  with pytest.raises(ValueError, match="unknown activation"):
-    layers.make_activation("gelu")
+    with pytest.raises(ValueError, match="unknown activation"):
+        layers.make_activation("gelu")
 
 
 def _cbn(x, latent, train):
-  module = layers.ConditionalBatchNorm(x.shape[-1])
-  variables = module.init(jax.random.key(0), x, latent, train=False)
-  return module, variables
+    module = layers.ConditionalBatchNorm(x.shape[-1])
+    variables = module.init(jax.random.key(0), x, latent, train=False)
+    return module, variables
 
 
 def test_cbn_equals_plain_normalisation_at_init():
-  rng = np.random.default_rng(1)
-  x = rng.normal(3.0, 2.0, size=(2, 50, 8))
-  latent = rng.normal(size=(2, 5))
-  module, variables = _cbn(jnp.asarray(x, jnp.float32), jnp.asarray(latent, jnp.float32), True)
-  y, updates = module.apply(variables, jnp.asarray(x, jnp.float32), jnp.asarray(latent, jnp.float32),
-                            train=True, mutable=["batch_stats"])
-  expected = (x - x.mean()) / np.sqrt(x.var() + layers.BN_EPSILON)  # one statistic over everything
-  np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-4, atol=1e-4)
-  stats = updates["batch_stats"]
-  np.testing.assert_allclose(float(stats["mean"]), 0.1 * x.mean(), rtol=1e-4)
-  np.testing.assert_allclose(float(stats["var"]), 0.9 + 0.1 * x.var(), rtol=1e-4)
+    rng = np.random.default_rng(1)
+    x = rng.normal(3.0, 2.0, size=(2, 50, 8))
+    latent = rng.normal(size=(2, 5))
+    module, variables = _cbn(jnp.asarray(x, jnp.float32), jnp.asarray(latent, jnp.float32), True)
+    y, updates = module.apply(
+        variables,
+        jnp.asarray(x, jnp.float32),
+        jnp.asarray(latent, jnp.float32),
+        train=True,
+        mutable=["batch_stats"],
+    )
+    expected = (x - x.mean()) / np.sqrt(
+        x.var() + layers.BN_EPSILON
+    )  # one statistic over everything
+    np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-4, atol=1e-4)
+    stats = updates["batch_stats"]
+    np.testing.assert_allclose(float(stats["mean"]), 0.1 * x.mean(), rtol=1e-4)
+    np.testing.assert_allclose(float(stats["var"]), 0.9 + 0.1 * x.var(), rtol=1e-4)
 
 
 def test_cbn_conditions_per_volume_and_uses_running_stats_at_eval():
-  rng = np.random.default_rng(2)
-  x = jnp.asarray(rng.normal(size=(2, 10, 4)), jnp.float32)
-  latent = jnp.asarray(rng.normal(size=(2, 3)), jnp.float32)
-  module, variables = _cbn(x, latent, False)
-  params = jax.tree.map(lambda p: p, variables["params"])
-  params["gamma"]["kernel"] = jnp.ones_like(params["gamma"]["kernel"])
-  stats = {"mean": jnp.asarray(0.5), "var": jnp.asarray(4.0)}
-  y = module.apply({"params": params, "batch_stats": stats}, x, latent, train=False)
-  gamma = 1.0 + np.asarray(latent).sum(-1)  # kernel of ones, bias of ones
-  expected = (np.asarray(x) - 0.5) / np.sqrt(4.0 + layers.BN_EPSILON) * gamma[:, None, None]
-  np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=1e-5)
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(2, 10, 4)), jnp.float32)
+    latent = jnp.asarray(rng.normal(size=(2, 3)), jnp.float32)
+    module, variables = _cbn(x, latent, False)
+    params = jax.tree.map(lambda p: p, variables["params"])
+    params["gamma"]["kernel"] = jnp.ones_like(params["gamma"]["kernel"])
+    stats = {"mean": jnp.asarray(0.5), "var": jnp.asarray(4.0)}
+    y = module.apply({"params": params, "batch_stats": stats}, x, latent, train=False)
+    gamma = 1.0 + np.asarray(latent).sum(-1)  # kernel of ones, bias of ones
+    expected = (np.asarray(x) - 0.5) / np.sqrt(4.0 + layers.BN_EPSILON) * gamma[:, None, None]
+    np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("cin,cout", [(4, 4), (4, 8)])
 def test_residual_block_halves_spatial_shape(cin, cout):
-  x = jnp.ones((2, 8, 6, 4, cin))
-  block = layers.ResidualBlock3D(cout)
-  variables = block.init(jax.random.key(0), x, train=False)
-  y = block.apply(variables, x, train=False)
-  assert y.shape == (2, 4, 3, 2, cout)
-  assert ("shortcut" in variables["params"]) == (cin != cout)
+    x = jnp.ones((2, 8, 6, 4, cin))
+    block = layers.ResidualBlock3D(cout)
+    variables = block.init(jax.random.key(0), x, train=False)
+    y = block.apply(variables, x, train=False)
+    assert y.shape == (2, 4, 3, 2, cout)
+    assert ("shortcut" in variables["params"]) == (cin != cout)
 
 
 def test_spatial_shape_after_checks_divisibility():
-  assert layers.spatial_shape_after((256, 256, 160), 2, 4) == (8, 8, 5)
-  with pytest.raises(ValueError, match="divisible"):
-    layers.spatial_shape_after((100, 96, 64), 2, 3)
+    assert layers.spatial_shape_after((256, 256, 160), 2, 4) == (8, 8, 5)
+    with pytest.raises(ValueError, match="divisible"):
+        layers.spatial_shape_after((100, 96, 64), 2, 3)

@@ -13,7 +13,11 @@ from ossnet_jax.data.synthetic import DATASET_DIR, MODALITIES, write_synthetic_b
 
 
 def _make_case(
-    folder: Path, case_id: str, ext: str = ".nii.gz", seg_name: str | None = "default", skip: str | None = None
+    folder: Path,
+    case_id: str,
+    ext: str = ".nii.gz",
+    seg_name: str | None = "default",
+    skip: str | None = None,
 ) -> Path:
     """Write a tiny case folder; ``seg_name`` None omits the label, "default" uses ``<id>_seg``."""
     case = folder / case_id
@@ -34,7 +38,9 @@ def test_synthetic_layout_from_parent_and_dataset_folder(tmp_path: Path) -> None
     assert [c.id for c in cases] == ["BraTS20_Training_001", "BraTS20_Training_002"]
     first = cases[0]
     assert isinstance(first, Case)
-    assert first.image_paths == tuple(folder / first.id / f"{first.id}_{m}.nii.gz" for m in MODALITIES)
+    assert first.image_paths == tuple(
+        folder / first.id / f"{first.id}_{m}.nii.gz" for m in MODALITIES
+    )
     assert first.label_path == folder / first.id / f"{first.id}_seg.nii.gz"
     label, _ = load_nifti(first.label_path)
     assert set(np.unique(label)) == {0, 1, 2, 4}
@@ -54,7 +60,9 @@ def test_sorted_ignores_other_entries_and_accepts_nii(tmp_path: Path) -> None:
 
 
 def test_differently_named_label(tmp_path: Path) -> None:
-    case = _make_case(tmp_path, "BraTS20_Training_355", ext=".nii", seg_name="W39_1998.09.19_Segm.nii")
+    case = _make_case(
+        tmp_path, "BraTS20_Training_355", ext=".nii", seg_name="W39_1998.09.19_Segm.nii"
+    )
     (cases,) = find_brats_cases(tmp_path)
     assert cases.label_path == case / "W39_1998.09.19_Segm.nii"
     assert cases.image_paths[2] == case / "BraTS20_Training_355_t1ce.nii"

@@ -14,70 +14,78 @@ VARIANTS = ["o_net", "oss_net_a", "oss_net_b", "oss_net_c", "oss_net_d"]
 
 
 def _config(name, tmp_path):
-  base = tiny_config(tmp_path)
-  variant = importlib.import_module(f"configs.{name}").get_config("small")
-  base.model = variant.model
-  base.model.encoder_channels = (4, 8)
-  base.model.decoder_width = 16
-  base.model.decoder_blocks = 2
-  return base
+    base = tiny_config(tmp_path)
+    variant = importlib.import_module(f"configs.{name}").get_config("small")
+    base.model = variant.model
+    base.model.encoder_channels = (4, 8)
+    base.model.decoder_width = 16
+    base.model.decoder_blocks = 2
+    return base
 
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_variant_shapes(name, tmp_path):
-  config = _config(name, tmp_path)
-  model = build_model(config)
-  b, n = 2, 5
-  image = jax.random.normal(jax.random.key(0), (b,) + TINY_GRID + (4,))
-  locs = jax.random.randint(jax.random.key(1), (b, n, 3), 0, 16)
-  low, patches = train_state.model_inputs(config, image, locs)
-  assert low.shape == (b, 16, 16, 8, 4)
-  if config.model.patches:
-    assert patches.shape == (b, n, 7, 7, 7, 8 if config.model.large_patches else 4)
-  else:
-    assert patches is None
-  variables = model.init(jax.random.key(2), low, locs, patches, train=False)
-  (logits, seg), _ = model.apply(variables, low, locs, patches, train=True, mutable=["batch_stats"])
-  assert logits.shape == (b, n)
-  latents, _ = model.apply(variables, low, train=False, method=OSSNet.encode)
-  latent_grid = 4 * 4 * 2  # 16x16x8 after two halvings
-  k = 1 if config.model.encoder == "plain" else config.model.decoder_blocks + 1
-  assert latents.shape == (b, k, latent_grid)
-  assert (seg is None) == (not config.model.seg_head)
-  if seg is not None:
-    assert seg.shape == (b, 4, 4, 2)
-  assert ("patch_net" in variables["params"]) == config.model.patches
+    config = _config(name, tmp_path)
+    model = build_model(config)
+    b, n = 2, 5
+    image = jax.random.normal(jax.random.key(0), (b,) + TINY_GRID + (4,))
+    locs = jax.random.randint(jax.random.key(1), (b, n, 3), 0, 16)
+    low, patches = train_state.model_inputs(config, image, locs)
+    assert low.shape == (b, 16, 16, 8, 4)
+    if config.model.patches:
+        assert patches.shape == (b, n, 7, 7, 7, 8 if config.model.large_patches else 4)
+    else:
+        assert patches is None
+    variables = model.init(jax.random.key(2), low, locs, patches, train=False)
+    (logits, seg), _ = model.apply(
+        variables, low, locs, patches, train=True, mutable=["batch_stats"]
+    )
+    assert logits.shape == (b, n)
+    latents, _ = model.apply(variables, low, train=False, method=OSSNet.encode)
+    latent_grid = 4 * 4 * 2  # 16x16x8 after two halvings
+    k = 1 if config.model.encoder == "plain" else config.model.decoder_blocks + 1
+    assert latents.shape == (b, k, latent_grid)
+    assert (seg is None) == (not config.model.seg_head)
+    if seg is not None:
+        assert seg.shape == (b, 4, 4, 2)
+    assert ("patch_net" in variables["params"]) == config.model.patches
 
 
 def test_decode_of_encoded_latents_equals_call(tmp_path):
-  config = _config("oss_net_c", tmp_path)
-  model = build_model(config)
-  image = jax.random.normal(jax.random.key(0), (1,) + TINY_GRID + (4,))
-  locs = jax.random.randint(jax.random.key(1), (1, 9, 3), 0, 16)
-  low, patches = train_state.model_inputs(config, image, locs)
-  variables = model.init(jax.random.key(2), low, locs, patches, train=False)
-  logits, _ = model.apply(variables, low, locs, patches, train=False)
-  latents, _ = model.apply(variables, low, train=False, method=OSSNet.encode)
-  again = model.apply(variables, locs, patches, latents, train=False, method=OSSNet.decode)
-  assert jnp.allclose(logits, again, atol=1e-6)
+    config = _config("oss_net_c", tmp_path)
+    model = build_model(config)
+    image = jax.random.normal(jax.random.key(0), (1,) + TINY_GRID + (4,))
+    locs = jax.random.randint(jax.random.key(1), (1, 9, 3), 0, 16)
+    low, patches = train_state.model_inputs(config, image, locs)
+    variables = model.init(jax.random.key(2), low, locs, patches, train=False)
+    logits, _ = model.apply(variables, low, locs, patches, train=False)
+    latents, _ = model.apply(variables, low, train=False, method=OSSNet.encode)
+    again = model.apply(variables, locs, patches, latents, train=False, method=OSSNet.decode)
+    assert jnp.allclose(logits, again, atol=1e-6)
 
 
 def test_official_brats_sizes():
-  """The 'brats' preset of OSS-Net C gives the published latent sizes: 6 latents of 8x8x5 = 320."""
-  config = importlib.import_module("configs.oss_net_c").get_config("brats")
-  model = build_model(config)
-  low = jax.ShapeDtypeStruct((1, 128, 128, 80, 4), jnp.float32)
-  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(low.shape), train=False,
-                                                method=OSSNet.encode))
-  latents, seg = jax.eval_shape(lambda v: model.apply(v, jnp.zeros(low.shape), train=False,
-                                                      method=OSSNet.encode), variables)
-  assert latents.shape == (1, 6, 320)
-  assert seg.shape == (1, 8, 8, 5)
+    """The 'brats' preset of OSS-Net C gives the published latent sizes: 6 latents of 8x8x5 = 320."""
+    config = importlib.import_module("configs.oss_net_c").get_config("brats")
+    model = build_model(config)
+    low = jax.ShapeDtypeStruct((1, 128, 128, 80, 4), jnp.float32)
+    variables = jax.eval_shape(
+        lambda: model.init(
+            jax.random.key(0), jnp.zeros(low.shape), train=False, method=OSSNet.encode
+        )
+    )
+    latents, seg = jax.eval_shape(
+        lambda v: model.apply(v, jnp.zeros(low.shape), train=False, method=OSSNet.encode), variables
+    )
+    assert latents.shape == (1, 6, 320)
+    assert seg.shape == (1, 8, 8, 5)
 
 
 def test_unknown_encoder_is_rejected(tmp_path):
-  config = _config("oss_net_c", tmp_path)
-  config.model.encoder = "resnet"
-  model = build_model(config)
-  with pytest.raises(ValueError, match="plain' or 'skip"):
-    model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 8, 4)), train=False, method=OSSNet.encode)
+    config = _config("oss_net_c", tmp_path)
+    config.model.encoder = "resnet"
+    model = build_model(config)
+    with pytest.raises(ValueError, match="plain' or 'skip"):
+        model.init(
+            jax.random.key(0), jnp.zeros((1, 16, 16, 8, 4)), train=False, method=OSSNet.encode
+        )

@@ -9,67 +9,76 @@ from ossnet_jax.models import patches as P
 
 
 def _numpy_patch(volume, loc, start_offset, size):
-  """Slow reference: volume[loc - start_offset : loc - start_offset + size] with zeros outside."""
-  out = np.zeros((size, size, size, volume.shape[-1]), np.float64)
-  for i in range(size):
-    for j in range(size):
-      for k in range(size):
-        x, y, z = loc[0] - start_offset + i, loc[1] - start_offset + j, loc[2] - start_offset + k
-        if 0 <= x < volume.shape[0] and 0 <= y < volume.shape[1] and 0 <= z < volume.shape[2]:
-          out[i, j, k] = volume[x, y, z]
-  return out
+    """Slow reference: volume[loc - start_offset : loc - start_offset + size] with zeros outside."""
+    out = np.zeros((size, size, size, volume.shape[-1]), np.float64)
+    for i in range(size):
+        for j in range(size):
+            for k in range(size):
+                x, y, z = (
+                    loc[0] - start_offset + i,
+                    loc[1] - start_offset + j,
+                    loc[2] - start_offset + k,
+                )
+                if (
+                    0 <= x < volume.shape[0]
+                    and 0 <= y < volume.shape[1]
+                    and 0 <= z < volume.shape[2]
+                ):
+                    out[i, j, k] = volume[x, y, z]
+    return out
 
 
 @pytest.fixture
 def volume():
-  return np.random.default_rng(0).normal(size=(12, 10, 8, 2))
+    return np.random.default_rng(0).normal(size=(12, 10, 8, 2))
 
 
 CORNERS = np.array([[0, 0, 0], [11, 9, 7], [5, 4, 3], [1, 9, 0], [6, 0, 7], [10, 1, 2]], np.int32)
 
 
 def test_gather_patches_equals_numpy_slicing_borders_included(volume):
-  got = np.asarray(P.gather_patches(jnp.asarray(volume, jnp.float32), jnp.asarray(CORNERS), 7))
-  for n, loc in enumerate(CORNERS):
-    np.testing.assert_allclose(got[n], _numpy_patch(volume, loc, 3, 7), atol=1e-6)
+    got = np.asarray(P.gather_patches(jnp.asarray(volume, jnp.float32), jnp.asarray(CORNERS), 7))
+    for n, loc in enumerate(CORNERS):
+        np.testing.assert_allclose(got[n], _numpy_patch(volume, loc, 3, 7), atol=1e-6)
 
 
 def test_large_patches_equal_pooled_14_cube(volume):
-  parity = P.pooled_parity_volumes(jnp.asarray(volume, jnp.float32))
-  got = np.asarray(P.gather_large_patches(parity, jnp.asarray(CORNERS), 7))
-  for n, loc in enumerate(CORNERS):
-    big = _numpy_patch(volume, loc, 7, 14)
-    pooled = big.reshape(7, 2, 7, 2, 7, 2, -1).mean(axis=(1, 3, 5))
-    np.testing.assert_allclose(got[n], pooled, atol=1e-5)
+    parity = P.pooled_parity_volumes(jnp.asarray(volume, jnp.float32))
+    got = np.asarray(P.gather_large_patches(parity, jnp.asarray(CORNERS), 7))
+    for n, loc in enumerate(CORNERS):
+        big = _numpy_patch(volume, loc, 7, 14)
+        pooled = big.reshape(7, 2, 7, 2, 7, 2, -1).mean(axis=(1, 3, 5))
+        np.testing.assert_allclose(got[n], pooled, atol=1e-5)
 
 
 @pytest.mark.parametrize("cin,cout", [(4, 2), (2, 1)])
 def test_patch_conv_equals_xla_convolution_with_gradients(cin, cout):
-  rng = np.random.default_rng(1)
-  x = jnp.asarray(rng.normal(size=(5, 7, 7, 7, cin)), jnp.float32)
-  kernel = jnp.asarray(rng.normal(size=(7, 7, 7, cin, cout)) * 0.1, jnp.float32)
-  weight = jnp.asarray(rng.normal(size=(5, 7, 7, 7, cout)), jnp.float32)
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(5, 7, 7, 7, cin)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(7, 7, 7, cin, cout)) * 0.1, jnp.float32)
+    weight = jnp.asarray(rng.normal(size=(5, 7, 7, 7, cout)), jnp.float32)
 
-  def reference(k, x):
-    y = jax.lax.conv_general_dilated(x, k, (1, 1, 1), "SAME",
-                                     dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
-    return jnp.sum(jnp.tanh(y) * weight), y
+    def reference(k, x):
+        y = jax.lax.conv_general_dilated(
+            x, k, (1, 1, 1), "SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC")
+        )
+        return jnp.sum(jnp.tanh(y) * weight), y
 
-  def gemm(k, x):
-    y = (x.reshape(5, -1) @ P.conv_matrix(k, 7)).reshape(5, 7, 7, 7, cout)
-    return jnp.sum(jnp.tanh(y) * weight), y
+    def gemm(k, x):
+        y = (x.reshape(5, -1) @ P.conv_matrix(k, 7)).reshape(5, 7, 7, 7, cout)
+        return jnp.sum(jnp.tanh(y) * weight), y
 
-  (_, y_ref), g_ref = jax.value_and_grad(reference, argnums=(0, 1), has_aux=True)(kernel, x)
-  (_, y_new), g_new = jax.value_and_grad(gemm, argnums=(0, 1), has_aux=True)(kernel, x)
-  np.testing.assert_allclose(np.asarray(y_new), np.asarray(y_ref), rtol=1e-4, atol=1e-4)
-  for a, b in zip(g_new, g_ref):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+    (_, y_ref), g_ref = jax.value_and_grad(reference, argnums=(0, 1), has_aux=True)(kernel, x)
+    (_, y_new), g_new = jax.value_and_grad(gemm, argnums=(0, 1), has_aux=True)(kernel, x)
+    np.testing.assert_allclose(np.asarray(y_new), np.asarray(y_ref), rtol=1e-4, atol=1e-4)
+    for a, b in zip(g_new, g_ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
 
 
 def test_patch_encoder_output_shape():
-  module = P.PatchEncoder()
-  x = jnp.ones((2, 3, 7, 7, 7, 8))
-  variables = module.init(jax.random.key(0), x, train=False)
-  assert module.apply(variables, x, train=False).shape == (2, 3, 343)
-  assert variables["params"]["conv1"]["kernel"].shape == (7, 7, 7, 8, 4)
-  assert variables["params"]["conv2"]["kernel"].shape == (7, 7, 7, 4, 1)
+    module = P.PatchEncoder()
+    x = jnp.ones((2, 3, 7, 7, 7, 8))
+    variables = module.init(jax.random.key(0), x, train=False)
+    assert module.apply(variables, x, train=False).shape == (2, 3, 343)
+    assert variables["params"]["conv1"]["kernel"].shape == (7, 7, 7, 8, 4)
+    assert variables["params"]["conv2"]["kernel"].shape == (7, 7, 7, 4, 1)

@@ -11,73 +11,80 @@ from ossnet_jax.data import augment, preprocess, sampling
 
 
 def _band_reference(target, size):
-  """Independent slow band: voxels whose 3^3 neighbourhood mixes labels, dilated by a size^3 cube."""
-  x, y, z = target.shape
-  padded = np.pad(target, 1)
-  edge = np.zeros(target.shape, bool)
-  for i, j, k in itertools.product(range(x), range(y), range(z)):
-    block = padded[i:i + 3, j:j + 3, k:k + 3]
-    edge[i, j, k] = block.min() != block.max()
-  r = size // 2
-  band = np.zeros(target.shape, bool)
-  for i, j, k in zip(*np.nonzero(edge)):
-    band[max(i - r, 0):i + r + 1, max(j - r, 0):j + r + 1, max(k - r, 0):k + r + 1] = True
-  return band
+    """Independent slow band: voxels whose 3^3 neighbourhood mixes labels, dilated by a size^3 cube."""
+    x, y, z = target.shape
+    padded = np.pad(target, 1)
+    edge = np.zeros(target.shape, bool)
+    for i, j, k in itertools.product(range(x), range(y), range(z)):
+        block = padded[i : i + 3, j : j + 3, k : k + 3]
+        edge[i, j, k] = block.min() != block.max()
+    r = size // 2
+    band = np.zeros(target.shape, bool)
+    for i, j, k in zip(*np.nonzero(edge)):
+        band[max(i - r, 0) : i + r + 1, max(j - r, 0) : j + r + 1, max(k - r, 0) : k + r + 1] = True
+    return band
 
 
 def test_border_band_of_a_cube():
-  target = np.zeros((20, 18, 16), np.uint8)
-  target[6:12, 5:11, 4:9] = 1
-  band = preprocess.border_band(target, 5)
-  np.testing.assert_array_equal(band, _band_reference(target, 5))
-  assert band[8, 7, 6] and not band[0, 0, 0]  # the cube's small interior is in the band, far away not
+    target = np.zeros((20, 18, 16), np.uint8)
+    target[6:12, 5:11, 4:9] = 1
+    band = preprocess.border_band(target, 5)
+    np.testing.assert_array_equal(band, _band_reference(target, 5))
+    assert (
+        band[8, 7, 6] and not band[0, 0, 0]
+    )  # the cube's small interior is in the band, far away not
 
 
 def test_border_band_empty_label():
-  assert not preprocess.border_band(np.zeros((8, 8, 8), np.uint8), 13).any()
+    assert not preprocess.border_band(np.zeros((8, 8, 8), np.uint8), 13).any()
 
 
 def test_sampling_takes_the_border_share_from_the_band():
-  band = np.zeros((16, 12, 10), bool)
-  band[3:5, 2:4, 7:9] = True
-  locs = np.asarray(sampling.sample_locations(jax.random.key(0), jnp.asarray(band), 400, 0.25))
-  assert locs.shape == (400, 3) and locs.dtype == np.int32
-  assert band[tuple(locs[:100].T)].all()
-  assert len({tuple(l) for l in locs[:100]}) == 8  # every band voxel is drawn
-  assert (locs >= 0).all() and (locs < np.array(band.shape)).all()
-  assert band[tuple(locs[100:].T)].mean() < 0.2  # the uniform part mostly lies outside
+    band = np.zeros((16, 12, 10), bool)
+    band[3:5, 2:4, 7:9] = True
+    locs = np.asarray(sampling.sample_locations(jax.random.key(0), jnp.asarray(band), 400, 0.25))
+    assert locs.shape == (400, 3) and locs.dtype == np.int32
+    assert band[tuple(locs[:100].T)].all()
+    assert len({tuple(p) for p in locs[:100]}) == 8  # every band voxel is drawn
+    assert (locs >= 0).all() and (locs < np.array(band.shape)).all()
+    assert band[tuple(locs[100:].T)].mean() < 0.2  # the uniform part mostly lies outside
 
 
 def test_sampling_with_an_empty_band_is_uniform():
-  locs = np.asarray(sampling.sample_locations(jax.random.key(1), jnp.zeros((8, 8, 8), bool), 4000, 0.5))
-  counts = np.bincount(locs[:, 0], minlength=8)
-  assert counts.min() > 350  # ~500 per slab
+    locs = np.asarray(
+        sampling.sample_locations(jax.random.key(1), jnp.zeros((8, 8, 8), bool), 4000, 0.5)
+    )
+    counts = np.bincount(locs[:, 0], minlength=8)
+    assert counts.min() > 350  # ~500 per slab
 
 
 def test_take_at_reads_volume_values():
-  volume = jnp.arange(4 * 5 * 6).reshape(4, 5, 6)
-  locs = jnp.asarray([[0, 0, 0], [3, 4, 5], [1, 2, 3]])
-  np.testing.assert_array_equal(np.asarray(sampling.take_at(volume, locs)), [0, 119, 45])
+    volume = jnp.arange(4 * 5 * 6).reshape(4, 5, 6)
+    locs = jnp.asarray([[0, 0, 0], [3, 4, 5], [1, 2, 3]])
+    np.testing.assert_array_equal(np.asarray(sampling.take_at(volume, locs)), [0, 119, 45])
 
 
 def test_augment_flips_image_and_label_together():
-  cfg = ml_collections.ConfigDict(dict(flip_probability=1.0, brightness_shift=0.0, noise_std=0.0,
-                                       augment_probability=0.5))
-  image = jnp.asarray(np.random.default_rng(0).normal(size=(6, 5, 4, 2)), jnp.float32)
-  target = (image[..., 0] > 0).astype(jnp.uint8)
-  band = image[..., 1] > 0
-  a_img, a_tgt, a_band = augment.augment(jax.random.key(0), image, target, band, cfg)
-  np.testing.assert_array_equal(np.asarray(a_img), np.asarray(image)[::-1, ::-1])
-  np.testing.assert_array_equal(np.asarray(a_tgt), np.asarray(target)[::-1, ::-1])
-  np.testing.assert_array_equal(np.asarray(a_band), np.asarray(band)[::-1, ::-1])
+    cfg = ml_collections.ConfigDict(
+        dict(flip_probability=1.0, brightness_shift=0.0, noise_std=0.0, augment_probability=0.5)
+    )
+    image = jnp.asarray(np.random.default_rng(0).normal(size=(6, 5, 4, 2)), jnp.float32)
+    target = (image[..., 0] > 0).astype(jnp.uint8)
+    band = image[..., 1] > 0
+    a_img, a_tgt, a_band = augment.augment(jax.random.key(0), image, target, band, cfg)
+    np.testing.assert_array_equal(np.asarray(a_img), np.asarray(image)[::-1, ::-1])
+    np.testing.assert_array_equal(np.asarray(a_tgt), np.asarray(target)[::-1, ::-1])
+    np.testing.assert_array_equal(np.asarray(a_band), np.asarray(band)[::-1, ::-1])
 
 
 def test_augment_intensity_changes_have_the_configured_size():
-  cfg = ml_collections.ConfigDict(dict(flip_probability=0.0, brightness_shift=0.15, noise_std=0.15,
-                                       augment_probability=1.0))
-  image = jnp.zeros((20, 20, 20, 1))
-  out, _, _ = augment.augment(jax.random.key(3), image, jnp.zeros((20, 20, 20)),
-                              jnp.zeros((20, 20, 20), bool), cfg)
-  out = np.asarray(out)
-  assert abs(out.mean()) <= 0.15 + 0.01
-  assert abs(out.std() - 0.15) < 0.01
+    cfg = ml_collections.ConfigDict(
+        dict(flip_probability=0.0, brightness_shift=0.15, noise_std=0.15, augment_probability=1.0)
+    )
+    image = jnp.zeros((20, 20, 20, 1))
+    out, _, _ = augment.augment(
+        jax.random.key(3), image, jnp.zeros((20, 20, 20)), jnp.zeros((20, 20, 20), bool), cfg
+    )
+    out = np.asarray(out)
+    assert abs(out.mean()) <= 0.15 + 0.01
+    assert abs(out.std() - 0.15) < 0.01

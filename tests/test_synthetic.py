@@ -100,7 +100,11 @@ def test_whole_tumour_not_single_threshold(full_cases: list[tuple[np.ndarray, np
 
 
 def _files(root: Path) -> dict[str, int]:
-    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.stat().st_mtime_ns
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_write_layout_round_trip_and_idempotence(tmp_path: Path) -> None:
@@ -108,7 +112,12 @@ def test_write_layout_round_trip_and_idempotence(tmp_path: Path) -> None:
     assert folder == tmp_path / "data" / DATASET_DIR
     assert [p.name for p in (tmp_path / "data").iterdir()] == [DATASET_DIR]
     meta = json.loads((folder / "synthetic.json").read_text())
-    assert meta == {"num_cases": 2, "seed": 7, "shape": list(TINY), "generator_version": GENERATOR_VERSION}
+    assert meta == {
+        "num_cases": 2,
+        "seed": 7,
+        "shape": list(TINY),
+        "generator_version": GENERATOR_VERSION,
+    }
     for i in (1, 2):
         case = folder / f"BraTS20_Training_{i:03d}"
         names = sorted(p.name for p in case.iterdir())
@@ -151,10 +160,14 @@ def test_main_writes_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[s
     main(["--root", str(tmp_path), "--cases", "1", "--seed", "2", "--shape", *map(str, TINY)])
     out = capsys.readouterr().out
     assert str(tmp_path / DATASET_DIR) in out
-    assert (tmp_path / DATASET_DIR / "BraTS20_Training_001" / "BraTS20_Training_001_t1ce.nii.gz").is_file()
+    assert (
+        tmp_path / DATASET_DIR / "BraTS20_Training_001" / "BraTS20_Training_001_t1ce.nii.gz"
+    ).is_file()
 
 
-def test_main_reports_mismatch_without_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_main_reports_mismatch_without_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     write_synthetic_brats(tmp_path, 1, 0, TINY)
     with pytest.raises(SystemExit) as info:
         main(["--root", str(tmp_path), "--cases", "2", "--shape", *map(str, TINY)])

@@ -16,115 +16,123 @@ from tests.conftest import tiny_config
 
 
 def test_learning_rate_steps_down_at_40_and_60_percent(tmp_path):
-  config = tiny_config(tmp_path)
-  config.train.steps = 100
-  schedule = train_state.lr_schedule(config.train)
-  lr = config.train.learning_rate
-  np.testing.assert_allclose([schedule(0), schedule(39), schedule(40), schedule(59), schedule(60)],
-                             [lr, lr, lr * 0.1, lr * 0.1, lr * 0.01], rtol=1e-6)
+    config = tiny_config(tmp_path)
+    config.train.steps = 100
+    schedule = train_state.lr_schedule(config.train)
+    lr = config.train.learning_rate
+    np.testing.assert_allclose(
+        [schedule(0), schedule(39), schedule(40), schedule(59), schedule(60)],
+        [lr, lr, lr * 0.1, lr * 0.1, lr * 0.01],
+        rtol=1e-6,
+    )
 
 
 def test_pau_coefficients_get_ten_times_the_step(tmp_path):
-  config = tiny_config(tmp_path)
-  model = build_model(config)
-  tx = train_state.make_optimizer(config)
-  state = train_state.init_state(config, model, tx, jax.random.key(0))
-  grads = jax.tree.map(jnp.ones_like, state.params.fast)
-  updates, _ = jax.jit(tx.update)(grads, state.opt_state, state.params)
-  # RAdam's first steps are momentum SGD: the step is lr times the (bias-corrected) gradient.
-  pau = updates.fast["decoder_net"]["block0"]["act1"]["numerator"]
-  dense = updates.fast["decoder_net"]["block0"]["dense1"]["kernel"]
-  np.testing.assert_allclose(np.asarray(pau), 10 * np.asarray(dense).flat[0], rtol=1e-5)
+    config = tiny_config(tmp_path)
+    model = build_model(config)
+    tx = train_state.make_optimizer(config)
+    state = train_state.init_state(config, model, tx, jax.random.key(0))
+    grads = jax.tree.map(jnp.ones_like, state.params.fast)
+    updates, _ = jax.jit(tx.update)(grads, state.opt_state, state.params)
+    # RAdam's first steps are momentum SGD: the step is lr times the (bias-corrected) gradient.
+    pau = updates.fast["decoder_net"]["block0"]["act1"]["numerator"]
+    dense = updates.fast["decoder_net"]["block0"]["dense1"]["kernel"]
+    np.testing.assert_allclose(np.asarray(pau), 10 * np.asarray(dense).flat[0], rtol=1e-5)
 
 
 def test_loss_falls_on_a_fixed_batch(synthetic_root):
-  config = tiny_config(synthetic_root)
-  config.train.learning_rate = 3e-3
-  config.train.steps = 1000  # keep the rate constant over the 25 steps below
-  train_cases, _ = dataset.load_split(config)
-  model = build_model(config)
-  tx = train_state.make_optimizer(config)
-  state = train_state.init_state(config, model, tx, jax.random.key(0))
-  step = jax.jit(functools.partial(training.train_step, model=model, tx=tx, config=config))
-  batch = jax.device_put(dataset.stack_batch(train_cases[:2]))
-  losses = []
-  for _ in range(25):
-    state, out = step(state, batch, jax.random.key(1))
-    losses.append(float(out["loss"]))
-  assert np.isfinite(losses).all()
-  assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
-  assert int(state.step) == 25
+    config = tiny_config(synthetic_root)
+    config.train.learning_rate = 3e-3
+    config.train.steps = 1000  # keep the rate constant over the 25 steps below
+    train_cases, _ = dataset.load_split(config)
+    model = build_model(config)
+    tx = train_state.make_optimizer(config)
+    state = train_state.init_state(config, model, tx, jax.random.key(0))
+    step = jax.jit(functools.partial(training.train_step, model=model, tx=tx, config=config))
+    batch = jax.device_put(dataset.stack_batch(train_cases[:2]))
+    losses = []
+    for _ in range(25):
+        state, out = step(state, batch, jax.random.key(1))
+        losses.append(float(out["loss"]))
+    assert np.isfinite(losses).all()
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
+    assert int(state.step) == 25
 
 
 def test_checkpoint_round_trip_and_best_by_dice(tmp_path):
-  config = tiny_config(tmp_path)
-  model = build_model(config)
-  tx = train_state.make_optimizer(config)
-  state = train_state.init_state(config, model, tx, jax.random.key(0))
-  ckpt = checkpointing.Checkpoints(tmp_path / "work")
-  for step, dice in [(1, 0.4), (2, 0.9), (3, None), (4, 0.5), (5, None), (6, None)]:
-    state = state.replace(step=jnp.asarray(step, jnp.int32),
-                          params=jax.tree.map(lambda p: p + 1.0, state.params))
-    ckpt.save(step, state, None if dice is None else {"val_dice": dice})
-  assert ckpt.manager.all_steps() == [2, 4, 5, 6]  # last 3 plus the best
-  assert ckpt.best_step() == 2 and ckpt.latest_step() == 6
-  template = train_state.init_state(config, model, tx, jax.random.key(1))
-  restored = ckpt.restore(6, template)
-  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  ckpt.close()
+    config = tiny_config(tmp_path)
+    model = build_model(config)
+    tx = train_state.make_optimizer(config)
+    state = train_state.init_state(config, model, tx, jax.random.key(0))
+    ckpt = checkpointing.Checkpoints(tmp_path / "work")
+    for step, dice in [(1, 0.4), (2, 0.9), (3, None), (4, 0.5), (5, None), (6, None)]:
+        state = state.replace(
+            step=jnp.asarray(step, jnp.int32), params=jax.tree.map(lambda p: p + 1.0, state.params)
+        )
+        ckpt.save(step, state, None if dice is None else {"val_dice": dice})
+    assert ckpt.manager.all_steps() == [2, 4, 5, 6]  # last 3 plus the best
+    assert ckpt.best_step() == 2 and ckpt.latest_step() == 6
+    template = train_state.init_state(config, model, tx, jax.random.key(1))
+    restored = ckpt.restore(6, template)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    ckpt.close()
 
 
 @pytest.fixture(scope="module")
 def trained(synthetic_root, tmp_path_factory):
-  """A 4-step run with checkpoints at steps 2 and 4 and its dense evaluation."""
-  workdir = tmp_path_factory.mktemp("run")
-  config = tiny_config(synthetic_root)
-  result = training.train_and_evaluate(config, str(workdir))
-  return config, workdir, result
+    """A 4-step run with checkpoints at steps 2 and 4 and its dense evaluation."""
+    workdir = tmp_path_factory.mktemp("run")
+    config = tiny_config(synthetic_root)
+    result = training.train_and_evaluate(config, str(workdir))
+    return config, workdir, result
 
 
 def _params(workdir, config, step):
-  model = build_model(config)
-  template = train_state.init_state(config, model, train_state.make_optimizer(config),
-                                    jax.random.key(0))
-  ckpt = checkpointing.Checkpoints(workdir)
-  state = ckpt.restore(step, template)
-  ckpt.close()
-  return state
+    model = build_model(config)
+    template = train_state.init_state(
+        config, model, train_state.make_optimizer(config), jax.random.key(0)
+    )
+    ckpt = checkpointing.Checkpoints(workdir)
+    state = ckpt.restore(step, template)
+    ckpt.close()
+    return state
 
 
 def test_training_writes_metrics_config_checkpoints_and_predictions(trained):
-  config, workdir, result = trained
-  rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
-  assert [r["step"] for r in rows if "loss" in r] == [2, 4]
-  assert [r["step"] for r in rows if "val_dice" in r] == [2, 4]
-  assert json.loads((workdir / "config.json").read_text())["model"]["decoder_width"] == 16
-  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
-  saved = json.loads((workdir / "eval" / "metrics.json").read_text())
-  assert saved == json.loads(json.dumps(result))
-  assert set(saved["mean"]) == {"dice", "iou"}
-  for case in saved["cases"]:
-    assert set(case) >= {"id", "dice", "iou", "decoder_points", "seconds"}
-    assert 0 <= case["dice"] <= 1 and case["decoder_points"] > 0
-    assert (workdir / "eval" / "predictions" / f"{case['id']}.nii.gz").exists()
+    config, workdir, result = trained
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [2, 4]
+    assert [r["step"] for r in rows if "val_dice" in r] == [2, 4]
+    assert json.loads((workdir / "config.json").read_text())["model"]["decoder_width"] == 16
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [
+        2,
+        4,
+    ]
+    saved = json.loads((workdir / "eval" / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert set(saved["mean"]) == {"dice", "iou"}
+    for case in saved["cases"]:
+        assert set(case) >= {"id", "dice", "iou", "decoder_points", "seconds"}
+        assert 0 <= case["dice"] <= 1 and case["decoder_points"] > 0
+        assert (workdir / "eval" / "predictions" / f"{case['id']}.nii.gz").exists()
 
 
 def test_resume_reaches_the_same_parameters(trained, tmp_path):
-  config, workdir, _ = trained
-  resumed = tmp_path / "resumed"
-  shutil.copytree(workdir, resumed)
-  shutil.rmtree(resumed / "checkpoints" / "4")
-  shutil.rmtree(resumed / "eval")
-  training.train_and_evaluate(config, str(resumed))
-  a, b = _params(workdir, config, 4), _params(resumed, config, 4)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6)
+    config, workdir, _ = trained
+    resumed = tmp_path / "resumed"
+    shutil.copytree(workdir, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "4")
+    shutil.rmtree(resumed / "eval")
+    training.train_and_evaluate(config, str(resumed))
+    a, b = _params(workdir, config, 4), _params(resumed, config, 4)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6)
 
 
 def test_evaluate_reproduces_metrics_from_the_checkpoint(trained):
-  _, workdir, result = trained
-  again = evaluation.evaluate(evaluation.load_config(workdir), workdir)
-  for a, b in zip(again["cases"], result["cases"]):
-    assert a["id"] == b["id"] and a["decoder_points"] == b["decoder_points"]
-    assert a["dice"] == pytest.approx(b["dice"]) and a["iou"] == pytest.approx(b["iou"])
+    _, workdir, result = trained
+    again = evaluation.evaluate(evaluation.load_config(workdir), workdir)
+    for a, b in zip(again["cases"], result["cases"]):
+        assert a["id"] == b["id"] and a["decoder_points"] == b["decoder_points"]
+        assert a["dice"] == pytest.approx(b["dice"]) and a["iou"] == pytest.approx(b["iou"])

@@ -75,7 +75,9 @@ def _load_case(folder: Path) -> Case:
     for mod in MODALITIES:
         path = _first_existing(folder, f"{case_id}_{mod}")
         if path is None:
-            raise DataError(f"{folder}: missing modality '{mod}' (expected {case_id}_{mod}.nii.gz or .nii)")
+            raise DataError(
+                f"{folder}: missing modality '{mod}' (expected {case_id}_{mod}.nii.gz or .nii)"
+            )
         images.append(path)
     return Case(id=case_id, image_paths=tuple(images), label_path=_find_label(folder, case_id))
 

@@ -4,32 +4,33 @@ import jax
 import jax.numpy as jnp
 
 
-def sample_locations(rng: jax.Array, band: jax.Array, num_points: int,
-                     border_fraction: float) -> jax.Array:
-  """Draws integer voxel locations of one volume, with replacement.
+def sample_locations(
+    rng: jax.Array, band: jax.Array, num_points: int, border_fraction: float
+) -> jax.Array:
+    """Draws integer voxel locations of one volume, with replacement.
 
-  Args:
-    rng: PRNG key.
-    band: (X, Y, Z) bool border band; when it is empty, its share is drawn uniformly too.
-    num_points: N.
-    border_fraction: share of the N locations drawn uniformly from the band (static).
-  Returns:
-    (N, 3) int32 voxel indices; the first round(N f) come from the band.
-  """
-  shape = band.shape
-  size = band.size
-  n_border = int(round(num_points * border_fraction))
-  k_uniform, k_border = jax.random.split(rng)
-  flat = jax.random.randint(k_uniform, (num_points,), 0, size, dtype=jnp.int32)
-  if n_border:
-    counts = jnp.cumsum(band.reshape(-1).astype(jnp.int32))
-    total = counts[-1]
-    u = jax.random.randint(k_border, (n_border,), 0, jnp.maximum(total, 1), dtype=jnp.int32)
-    from_band = jnp.searchsorted(counts, u, side="right").astype(jnp.int32)
-    flat = flat.at[:n_border].set(jnp.where(total > 0, from_band, flat[:n_border]))
-  return jnp.stack(jnp.unravel_index(flat, shape), axis=-1).astype(jnp.int32)
+    Args:
+      rng: PRNG key.
+      band: (X, Y, Z) bool border band; when it is empty, its share is drawn uniformly too.
+      num_points: N.
+      border_fraction: share of the N locations drawn uniformly from the band (static).
+    Returns:
+      (N, 3) int32 voxel indices; the first round(N f) come from the band.
+    """
+    shape = band.shape
+    size = band.size
+    n_border = int(round(num_points * border_fraction))
+    k_uniform, k_border = jax.random.split(rng)
+    flat = jax.random.randint(k_uniform, (num_points,), 0, size, dtype=jnp.int32)
+    if n_border:
+        counts = jnp.cumsum(band.reshape(-1).astype(jnp.int32))
+        total = counts[-1]
+        u = jax.random.randint(k_border, (n_border,), 0, jnp.maximum(total, 1), dtype=jnp.int32)
+        from_band = jnp.searchsorted(counts, u, side="right").astype(jnp.int32)
+        flat = flat.at[:n_border].set(jnp.where(total > 0, from_band, flat[:n_border]))
+    return jnp.stack(jnp.unravel_index(flat, shape), axis=-1).astype(jnp.int32)
 
 
 def take_at(volume: jax.Array, locations: jax.Array) -> jax.Array:
-  """Values of an (X, Y, Z) volume at (N, 3) locations: (N,)."""
-  return volume[locations[:, 0], locations[:, 1], locations[:, 2]]
+    """Values of an (X, Y, Z) volume at (N, 3) locations: (N,)."""
+    return volume[locations[:, 0], locations[:, 1], locations[:, 2]]

@@ -71,7 +71,9 @@ def _upsample(fields: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return out
 
 
-def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], n: int, cell: float) -> np.ndarray:
+def _smooth_noise(
+    rng: np.random.Generator, shape: tuple[int, ...], n: int, cell: float
+) -> np.ndarray:
     """``n`` unit-variance smooth random fields, shape ``(n, *shape)``, feature size ``cell`` voxels."""
     coarse = tuple(max(3, int(round(s / cell))) for s in shape)
     fields = ndimage.gaussian_filter(rng.standard_normal((n, *coarse)), (0, 1, 1, 1), mode="wrap")
@@ -79,7 +81,9 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], n: int, cell
     return _upsample(fields.astype(np.float32), shape)
 
 
-def _ellipsoid(p: list[np.ndarray], centre: tuple[float, ...], radii: tuple[float, ...]) -> np.ndarray:
+def _ellipsoid(
+    p: list[np.ndarray], centre: tuple[float, ...], radii: tuple[float, ...]
+) -> np.ndarray:
     """Normalised ellipsoid distance (1 on the surface) on broadcastable coordinates ``p``."""
     return np.sqrt(sum(((pi - c) / r) ** 2 for pi, c, r in zip(p, centre, radii)))
 
@@ -99,7 +103,9 @@ def _spots(
     for flat in rng.choice(candidates, size=count):
         centre = np.unravel_index(flat, shape)
         rad = rng.uniform(*radius)
-        box = tuple(slice(max(0, c - int(rad) - 2), min(s, c + int(rad) + 3)) for c, s in zip(centre, shape))
+        box = tuple(
+            slice(max(0, c - int(rad) - 2), min(s, c + int(rad) + 3)) for c, s in zip(centre, shape)
+        )
         dist = np.sqrt(sum((g - c) ** 2 for g, c in zip(np.ogrid[box], centre)))
         out[box] = np.maximum(out[box], _soft(rad - dist, 0.4))
     return out
@@ -144,12 +150,16 @@ def _anatomy(
     sulci = _soft(-gyri - 1.0, 0.12) * _soft(0.2 - depth, w)
     fissure = _soft(0.015 - np.abs(p[0]), w) * _soft(0.45 - depth, w) * _soft(p[2] + 0.2, 0.05)
     csf_in = np.maximum.reduce([_soft(1.0 - vent, 0.08), sulci, fissure])
-    nuclei = np.minimum(*(_ellipsoid(p, (sx * 0.24, -0.02, -0.02), (0.1, 0.15, 0.13)) for sx in (-1, 1)))
+    nuclei = np.minimum(
+        *(_ellipsoid(p, (sx * 0.24, -0.02, -0.02), (0.1, 0.15, 0.13)) for sx in (-1, 1))
+    )
     nuclei = _soft(1.0 - nuclei, 0.1)
     wm = _soft(depth - 0.15 + 0.07 * gyri, 0.02) * (1.0 - nuclei)
     parenchyma = brain * (1.0 - csf_in)
     csf = inner_csf - brain + brain * csf_in
-    fractions = np.stack([head - inner_skull, inner_skull - inner_csf, csf, parenchyma * (1.0 - wm), parenchyma * wm])
+    fractions = np.stack(
+        [head - inner_skull, inner_skull - inner_csf, csf, parenchyma * (1.0 - wm), parenchyma * wm]
+    )
     depth_vox = (0.84 - r) * min((s - 1) / 2.0 * rad for s, rad in zip(shape, radii))
     return np.clip(fractions, 0.0, 1.0), depth_vox
 
@@ -178,7 +188,9 @@ def _tumour(
     radii = [max(2.6, (3.0 * w * core_volume / (4.0 * np.pi)) ** (1.0 / 3.0)) for w in weights]
     wt_radius = (3.0 * wt_fraction * n_vox / (4.0 * np.pi)) ** (1.0 / 3.0)
     allowed = (depth >= min(0.8 * wt_radius, 0.6 * depth.max())) & (csf < 0.3)
-    centre = np.array(np.unravel_index(rng.choice(np.flatnonzero(allowed)), shape), dtype=np.float64)
+    centre = np.array(
+        np.unravel_index(rng.choice(np.flatnonzero(allowed)), shape), dtype=np.float64
+    )
     core = np.full(shape, np.inf, np.float32)
     necrotic = np.zeros(shape, bool)
     for lobe, radius in enumerate(radii):
@@ -209,7 +221,11 @@ def _tumour(
 
 
 def _render(
-    rng: np.random.Generator, tissues: np.ndarray, labels: np.ndarray, strength: np.ndarray, noise: np.ndarray
+    rng: np.random.Generator,
+    tissues: np.ndarray,
+    labels: np.ndarray,
+    strength: np.ndarray,
+    noise: np.ndarray,
 ) -> np.ndarray:
     """MR images from tissue fractions and tumour labels.
 
@@ -225,13 +241,17 @@ def _render(
     oedema = _blur(labels == 2) * strength
     mix = _soft(noise[0], 0.5)
     wmh = _spots(rng, (tissues[4] > 0.8) & (labels == 0), int(rng.integers(2, 7)), (1.0, 2.3))
-    vessels = _spots(rng, (tissues[2] > 0.5) | (tissues[3] > 0.7), int(rng.integers(3, 9)), (0.7, 1.4))
+    vessels = _spots(
+        rng, (tissues[2] > 0.5) | (tissues[3] > 0.7), int(rng.integers(3, 9)), (0.7, 1.4)
+    )
     extra = [_blur(labels == 1), _blur(labels == 4), oedema * mix, oedema * (1.0 - mix)]
     extra = np.stack([*extra, 0.9 * wmh * tissues[4], vessels * (labels == 0)])
     head = tissues.sum(0) + extra.sum(0) > 0.5
     tissues = tissues * np.clip(1.0 - extra.sum(0), 0.0, 1.0)
     contrast = _CONTRAST * rng.uniform(0.9, 1.1, _CONTRAST.shape).astype(np.float32)
-    signal = np.tensordot(contrast.T, np.concatenate([tissues, extra]), axes=1) * (1.0 + 0.04 * noise[1])
+    signal = np.tensordot(contrast.T, np.concatenate([tissues, extra]), axes=1) * (
+        1.0 + 0.04 * noise[1]
+    )
     signal = ndimage.gaussian_filter(signal, (0, 0.6, 0.6, 0.6))
 
     u = _axes(shape)
@@ -246,7 +266,9 @@ def _render(
     return image
 
 
-def generate_case(seed: int, index: int, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+def generate_case(
+    seed: int, index: int, shape: tuple[int, int, int]
+) -> tuple[np.ndarray, np.ndarray]:
     """Generate one synthetic case; reproducible from ``(seed, index)`` alone.
 
     Args:
@@ -304,7 +326,12 @@ def write_synthetic_brats(
     if num_cases < 1:
         raise ValueError(f"num_cases must be >= 1, got {num_cases}")
     shape = tuple(int(s) for s in shape)
-    meta = {"num_cases": num_cases, "seed": int(seed), "shape": list(shape), "generator_version": GENERATOR_VERSION}
+    meta = {
+        "num_cases": num_cases,
+        "seed": int(seed),
+        "shape": list(shape),
+        "generator_version": GENERATOR_VERSION,
+    }
     if target.exists():
         return _check_existing(target, meta)
     root.mkdir(parents=True, exist_ok=True)
@@ -336,7 +363,9 @@ def _check_existing(target: Path, meta: dict) -> Path:
     try:
         found = json.loads((target / METADATA_FILE).read_text())
     except (OSError, ValueError) as err:
-        raise ValueError(f"{target} exists but is not a synthetic dataset (no valid {METADATA_FILE}: {err})") from err
+        raise ValueError(
+            f"{target} exists but is not a synthetic dataset (no valid {METADATA_FILE}: {err})"
+        ) from err
     diff = {k: (found.get(k), v) for k, v in meta.items() if found.get(k) != v}
     if diff:
         detail = ", ".join(f"{k}: existing {a!r} vs requested {b!r}" for k, (a, b) in diff.items())
@@ -347,11 +376,18 @@ def _check_existing(target: Path, meta: dict) -> Path:
 def main(argv: list[str] | None = None) -> None:
     """Command line: ``python -m ossnet_jax.data.synthetic --root DIR --cases N --seed S``."""
     parser = argparse.ArgumentParser(description="Write a synthetic BraTS 2020-style dataset.")
-    parser.add_argument("--root", required=True, help="folder to hold MICCAI_BraTS2020_TrainingData")
+    parser.add_argument(
+        "--root", required=True, help="folder to hold MICCAI_BraTS2020_TrainingData"
+    )
     parser.add_argument("--cases", type=int, required=True, help="number of cases")
     parser.add_argument("--seed", type=int, default=0, help="dataset seed")
     parser.add_argument(
-        "--shape", type=int, nargs=3, default=(88, 88, 58), metavar=("X", "Y", "Z"), help="voxels per axis"
+        "--shape",
+        type=int,
+        nargs=3,
+        default=(88, 88, 58),
+        metavar=("X", "Y", "Z"),
+        help="voxels per axis",
     )
     args = parser.parse_args(argv)
     start = time.perf_counter()
@@ -360,7 +396,9 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as err:
         parser.exit(2, f"error: {err}\n")
     elapsed = time.perf_counter() - start
-    print(f"synthetic BraTS dataset ({args.cases} cases, seed {args.seed}) at {path} [{elapsed:.1f} s]")
+    print(
+        f"synthetic BraTS dataset ({args.cases} cases, seed {args.seed}) at {path} [{elapsed:.1f} s]"
+    )
 
 
 if __name__ == "__main__":

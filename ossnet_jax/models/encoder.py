@@ -16,68 +16,73 @@ from ossnet_jax.models.layers import BN_EPSILON, BN_MOMENTUM, ResidualBlock3D, m
 
 
 def adaptive_max_pool(x: jax.Array, target: Sequence[int]) -> jax.Array:
-  """Max-pools (B, X, Y, Z, C) to (B, *target, C); each axis must be a multiple of its target."""
-  spatial = x.shape[1:4]
-  if any(s % t for s, t in zip(spatial, target)):
-    raise ValueError(f"cannot max-pool spatial shape {spatial} to {tuple(target)}: not a multiple")
-  window = tuple(s // t for s, t in zip(spatial, target))
-  return nn.max_pool(x, window, strides=window)
+    """Max-pools (B, X, Y, Z, C) to (B, *target, C); each axis must be a multiple of its target."""
+    spatial = x.shape[1:4]
+    if any(s % t for s, t in zip(spatial, target)):
+        raise ValueError(
+            f"cannot max-pool spatial shape {spatial} to {tuple(target)}: not a multiple"
+        )
+    window = tuple(s // t for s, t in zip(spatial, target))
+    return nn.max_pool(x, window, strides=window)
 
 
 class ConvBNAct(nn.Module):
-  """conv k^3 -> BatchNorm -> activation, spatial shape kept."""
+    """conv k^3 -> BatchNorm -> activation, spatial shape kept."""
 
-  features: int
-  kernel: int = 5
-  activation: str = "pau"
+    features: int
+    kernel: int = 5
+    activation: str = "pau"
 
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    x = nn.Conv(self.features, (self.kernel,) * 3, use_bias=False, name="conv")(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                     name="bn")(x)
-    return make_activation(self.activation)(name="act")(x)
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        x = nn.Conv(self.features, (self.kernel,) * 3, use_bias=False, name="conv")(x)
+        x = nn.BatchNorm(
+            use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name="bn"
+        )(x)
+        return make_activation(self.activation)(name="act")(x)
 
 
 class Encoder(nn.Module):
-  """Encodes (B, x, y, z, C) into latents (B, K, L) and, optionally, segmentation logits.
+    """Encodes (B, x, y, z, C) into latents (B, K, L) and, optionally, segmentation logits.
 
-  Attributes:
-    kind: 'plain' (K = 1) or 'skip' (K = num_latents).
-    channels: output channels of each residual block; each block halves every axis.
-    num_latents: K for the skip encoder (decoder blocks + 1).
-    seg_head: also return the conv5^3 segmentation logits (B, sx, sy, sz) of the last block.
-  """
+    Attributes:
+      kind: 'plain' (K = 1) or 'skip' (K = num_latents).
+      channels: output channels of each residual block; each block halves every axis.
+      num_latents: K for the skip encoder (decoder blocks + 1).
+      seg_head: also return the conv5^3 segmentation logits (B, sx, sy, sz) of the last block.
+    """
 
-  kind: str = "skip"
-  channels: Sequence[int] = (16, 32, 64, 128)
-  num_latents: int = 6
-  seg_head: bool = True
-  activation: str = "pau"
-  dropout: float = 0.0
+    kind: str = "skip"
+    channels: Sequence[int] = (16, 32, 64, 128)
+    num_latents: int = 6
+    seg_head: bool = True
+    activation: str = "pau"
+    dropout: float = 0.0
 
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, Optional[jax.Array]]:
-    if self.kind not in ("plain", "skip"):
-      raise ValueError(f"model.encoder must be 'plain' or 'skip', got {self.kind!r}")
-    features = []
-    for i, ch in enumerate(self.channels):
-      x = ResidualBlock3D(ch, self.activation, self.dropout, name=f"block{i}")(x, train)
-      features.append(x)
-    latent_grid = x.shape[1:4]
-    if self.kind == "plain":
-      z = ConvBNAct(1, 5, self.activation, name="to_latent")(x, train)
-    else:
-      pooled = [
-          ConvBNAct(max(f.shape[-1] // 2, 1), 5, self.activation, name=f"skip{i}")(
-              adaptive_max_pool(f, latent_grid), train)
-          for i, f in enumerate(features)
-      ]
-      z = ConvBNAct(self.num_latents, 5, self.activation, name="to_latent")(
-          jnp.concatenate(pooled, axis=-1), train)
-    batch, k = z.shape[0], z.shape[-1]
-    latents = jnp.moveaxis(z, -1, 1).reshape(batch, k, -1)
-    seg = None
-    if self.seg_head:
-      seg = nn.Conv(1, (5, 5, 5), name="seg_head")(x)[..., 0]
-    return latents, seg
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, Optional[jax.Array]]:
+        if self.kind not in ("plain", "skip"):
+            raise ValueError(f"model.encoder must be 'plain' or 'skip', got {self.kind!r}")
+        features = []
+        for i, ch in enumerate(self.channels):
+            x = ResidualBlock3D(ch, self.activation, self.dropout, name=f"block{i}")(x, train)
+            features.append(x)
+        latent_grid = x.shape[1:4]
+        if self.kind == "plain":
+            z = ConvBNAct(1, 5, self.activation, name="to_latent")(x, train)
+        else:
+            pooled = [
+                ConvBNAct(max(f.shape[-1] // 2, 1), 5, self.activation, name=f"skip{i}")(
+                    adaptive_max_pool(f, latent_grid), train
+                )
+                for i, f in enumerate(features)
+            ]
+            z = ConvBNAct(self.num_latents, 5, self.activation, name="to_latent")(
+                jnp.concatenate(pooled, axis=-1), train
+            )
+        batch, k = z.shape[0], z.shape[-1]
+        latents = jnp.moveaxis(z, -1, 1).reshape(batch, k, -1)
+        seg = None
+        if self.seg_head:
+            seg = nn.Conv(1, (5, 5, 5), name="seg_head")(x)[..., 0]
+        return latents, seg

@@ -13,93 +13,119 @@ import ml_collections
 
 from ossnet_jax.models.decoder import Decoder, decoder_inputs
 from ossnet_jax.models.encoder import Encoder
-from ossnet_jax.models.patches import (PatchEncoder, gather_large_patches, gather_patches,
-                                       pooled_parity_volumes)
+from ossnet_jax.models.patches import (
+    PatchEncoder,
+    gather_large_patches,
+    gather_patches,
+    pooled_parity_volumes,
+)
 
 FOURIER_KEY = 0  # fixed seed of the random Fourier frequencies (they are not trained)
 
 
 class OSSNet(nn.Module):
-  """Occupancy network with local patch observations, skip latents and a segmentation head."""
+    """Occupancy network with local patch observations, skip latents and a segmentation head."""
 
-  grid_shape: tuple[int, int, int]
-  encoder: str = "skip"
-  encoder_channels: Sequence[int] = (16, 32, 64, 128)
-  decoder_width: int = 512
-  decoder_blocks: int = 5
-  patches: bool = True
-  seg_head: bool = True
-  activation: str = "pau"
-  dropout: float = 0.0
-  fourier_features: int = 0
-  fourier_scale: float = 4.0
-  location_encoding: str = "normalized"
+    grid_shape: tuple[int, int, int]
+    encoder: str = "skip"
+    encoder_channels: Sequence[int] = (16, 32, 64, 128)
+    decoder_width: int = 512
+    decoder_blocks: int = 5
+    patches: bool = True
+    seg_head: bool = True
+    activation: str = "pau"
+    dropout: float = 0.0
+    fourier_features: int = 0
+    fourier_scale: float = 4.0
+    location_encoding: str = "normalized"
 
-  def setup(self):
-    self.encoder_net = Encoder(self.encoder, tuple(self.encoder_channels), self.decoder_blocks + 1,
-                               self.seg_head, self.activation, self.dropout)
-    if self.patches:
-      self.patch_net = PatchEncoder(7, self.activation, self.dropout)
-    self.decoder_net = Decoder(self.decoder_width, self.decoder_blocks, 1, self.activation, self.dropout)
+    def setup(self):
+        self.encoder_net = Encoder(
+            self.encoder,
+            tuple(self.encoder_channels),
+            self.decoder_blocks + 1,
+            self.seg_head,
+            self.activation,
+            self.dropout,
+        )
+        if self.patches:
+            self.patch_net = PatchEncoder(7, self.activation, self.dropout)
+        self.decoder_net = Decoder(
+            self.decoder_width, self.decoder_blocks, 1, self.activation, self.dropout
+        )
 
-  def encode(self, volume_low: jax.Array, train: bool) -> tuple[jax.Array, Optional[jax.Array]]:
-    """(B, x, y, z, C) -> latents (B, K, L) and segmentation logits (B, sx, sy, sz) or None."""
-    return self.encoder_net(volume_low, train)
+    def encode(self, volume_low: jax.Array, train: bool) -> tuple[jax.Array, Optional[jax.Array]]:
+        """(B, x, y, z, C) -> latents (B, K, L) and segmentation logits (B, sx, sy, sz) or None."""
+        return self.encoder_net(volume_low, train)
 
-  def decode(self, locations: jax.Array, patches: Optional[jax.Array], latents: jax.Array,
-             train: bool) -> jax.Array:
-    """Occupancy logits (B, N) for locations (B, N, 3), patches (B, N, S, S, S, Cp), latents (B, K, L)."""
-    features = None
-    if self.patches:
-      features = self.patch_net(patches, train)
-    fourier = None
-    if self.fourier_features:
-      fourier = self.fourier_scale * jax.random.normal(
-          jax.random.key(FOURIER_KEY), (3, self.fourier_features), jnp.float32)
-    inputs = decoder_inputs(locations, self.grid_shape, features, latents[:, 0],
-                            self.location_encoding, fourier)
-    return self.decoder_net(inputs, latents, train)[..., 0]
+    def decode(
+        self, locations: jax.Array, patches: Optional[jax.Array], latents: jax.Array, train: bool
+    ) -> jax.Array:
+        """Occupancy logits (B, N) for locations (B, N, 3), patches (B, N, S, S, S, Cp), latents (B, K, L)."""
+        features = None
+        if self.patches:
+            features = self.patch_net(patches, train)
+        fourier = None
+        if self.fourier_features:
+            fourier = self.fourier_scale * jax.random.normal(
+                jax.random.key(FOURIER_KEY), (3, self.fourier_features), jnp.float32
+            )
+        inputs = decoder_inputs(
+            locations, self.grid_shape, features, latents[:, 0], self.location_encoding, fourier
+        )
+        return self.decoder_net(inputs, latents, train)[..., 0]
 
-  def __call__(self, volume_low: jax.Array, locations: jax.Array, patches: Optional[jax.Array],
-               train: bool) -> tuple[jax.Array, Optional[jax.Array]]:
-    latents, seg = self.encode(volume_low, train)
-    return self.decode(locations, patches, latents, train), seg
+    def __call__(
+        self, volume_low: jax.Array, locations: jax.Array, patches: Optional[jax.Array], train: bool
+    ) -> tuple[jax.Array, Optional[jax.Array]]:
+        latents, seg = self.encode(volume_low, train)
+        return self.decode(locations, patches, latents, train), seg
 
 
 def build_model(config: ml_collections.ConfigDict) -> OSSNet:
-  """The model described by config.model for the grid config.data.grid_shape."""
-  m = config.model
-  if m.name != "oss_net":
-    raise ValueError(f"model.name {m.name!r} is not an occupancy network model")
-  if m.patches and m.patch_size != 7:
-    raise ValueError(f"model.patch_size must be 7 (the patch encoder's 7^3 kernels), got {m.patch_size}")
-  return OSSNet(
-      grid_shape=tuple(config.data.grid_shape), encoder=m.encoder,
-      encoder_channels=tuple(m.encoder_channels), decoder_width=m.decoder_width,
-      decoder_blocks=m.decoder_blocks, patches=m.patches, seg_head=m.seg_head,
-      activation=m.activation, dropout=m.dropout, fourier_features=m.fourier_features,
-      fourier_scale=m.fourier_scale, location_encoding=m.location_encoding)
+    """The model described by config.model for the grid config.data.grid_shape."""
+    m = config.model
+    if m.name != "oss_net":
+        raise ValueError(f"model.name {m.name!r} is not an occupancy network model")
+    if m.patches and m.patch_size != 7:
+        raise ValueError(
+            f"model.patch_size must be 7 (the patch encoder's 7^3 kernels), got {m.patch_size}"
+        )
+    return OSSNet(
+        grid_shape=tuple(config.data.grid_shape),
+        encoder=m.encoder,
+        encoder_channels=tuple(m.encoder_channels),
+        decoder_width=m.decoder_width,
+        decoder_blocks=m.decoder_blocks,
+        patches=m.patches,
+        seg_head=m.seg_head,
+        activation=m.activation,
+        dropout=m.dropout,
+        fourier_features=m.fourier_features,
+        fourier_scale=m.fourier_scale,
+        location_encoding=m.location_encoding,
+    )
 
 
 def downscale(volume: jax.Array, factor: int) -> jax.Array:
-  """Average-pools (B, X, Y, Z, C) by `factor` along every spatial axis: the encoder's input."""
-  if factor == 1:
-    return volume
-  return nn.avg_pool(volume, (factor,) * 3, strides=(factor,) * 3)
+    """Average-pools (B, X, Y, Z, C) by `factor` along every spatial axis: the encoder's input."""
+    if factor == 1:
+        return volume
+    return nn.avg_pool(volume, (factor,) * 3, strides=(factor,) * 3)
 
 
 def patch_source(volume: jax.Array, large_patches: bool) -> dict:
-  """What patches are cut from, computed once per volume: {'volume'[, 'parity']}. volume: (X, Y, Z, C)."""
-  source = {"volume": volume}
-  if large_patches:
-    source["parity"] = pooled_parity_volumes(volume)
-  return source
+    """What patches are cut from, computed once per volume: {'volume'[, 'parity']}. volume: (X, Y, Z, C)."""
+    source = {"volume": volume}
+    if large_patches:
+        source["parity"] = pooled_parity_volumes(volume)
+    return source
 
 
 def observe(source: dict, locations: jax.Array, size: int) -> jax.Array:
-  """Patches (N, S, S, S, Cp) of one volume around (N, 3) locations; large patches add C channels."""
-  patches = gather_patches(source["volume"], locations, size)
-  if "parity" in source:
-    large = gather_large_patches(source["parity"], locations, size)
-    patches = jnp.concatenate([patches, large], axis=-1)
-  return patches
+    """Patches (N, S, S, S, Cp) of one volume around (N, 3) locations; large patches add C channels."""
+    patches = gather_patches(source["volume"], locations, size)
+    if "parity" in source:
+        large = gather_large_patches(source["parity"], locations, size)
+        patches = jnp.concatenate([patches, large], axis=-1)
+    return patches

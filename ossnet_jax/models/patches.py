@@ -20,135 +20,148 @@ from ossnet_jax.models.layers import make_activation
 
 
 def gather_patches(volume: jax.Array, locations: jax.Array, size: int) -> jax.Array:
-  """Cuts an S^3 patch around each location out of one volume, zero outside the grid.
+    """Cuts an S^3 patch around each location out of one volume, zero outside the grid.
 
-  Args:
-    volume: (X, Y, Z, C).
-    locations: (N, 3) integer voxel indices inside the grid.
-    size: S, the patch edge in voxels.
-  Returns:
-    (N, S, S, S, C).
-  """
-  lo = size // 2
-  hi = size - 1 - lo
-  padded = jnp.pad(volume, ((lo, hi), (lo, hi), (lo, hi), (0, 0)))
-  channels = volume.shape[-1]
+    Args:
+      volume: (X, Y, Z, C).
+      locations: (N, 3) integer voxel indices inside the grid.
+      size: S, the patch edge in voxels.
+    Returns:
+      (N, S, S, S, C).
+    """
+    lo = size // 2
+    hi = size - 1 - lo
+    padded = jnp.pad(volume, ((lo, hi), (lo, hi), (lo, hi), (0, 0)))
+    channels = volume.shape[-1]
 
-  def one(loc):
-    start = (loc[0], loc[1], loc[2], jnp.zeros((), loc.dtype))
-    return jax.lax.dynamic_slice(padded, start, (size, size, size, channels))
+    def one(loc):
+        start = (loc[0], loc[1], loc[2], jnp.zeros((), loc.dtype))
+        return jax.lax.dynamic_slice(padded, start, (size, size, size, channels))
 
-  return jax.vmap(one)(locations)
+    return jax.vmap(one)(locations)
 
 
 def pooled_parity_volumes(volume: jax.Array) -> jax.Array:
-  """Prepares a volume for large patches: the 2^3 box filter split by index parity.
+    """Prepares a volume for large patches: the 2^3 box filter split by index parity.
 
-  A 2S^3 patch average-pooled by 2 reads the box filter B[v] = mean(volume[v : v+2]^3) at
-  v = l - S + 2i, i = 0..S-1, i.e. at every other voxel. Splitting B by the parity of v makes this a
-  contiguous slice, so large patches are gathered as cheaply as small ones.
+    A 2S^3 patch average-pooled by 2 reads the box filter B[v] = mean(volume[v : v+2]^3) at
+    v = l - S + 2i, i = 0..S-1, i.e. at every other voxel. Splitting B by the parity of v makes this a
+    contiguous slice, so large patches are gathered as cheaply as small ones.
 
-  Args:
-    volume: (X, Y, Z, C) with even X, Y, Z.
-  Returns:
-    (8, X/2 + 1, Y/2 + 1, Z/2 + 1, C): entry 4 px + 2 py + pz holds B[px - 1 + 2j, ...] so that index
-    j = 0 is the voxel just before the grid (zero padding included).
-  """
-  padded = jnp.pad(volume, ((1, 2), (1, 2), (1, 2), (0, 0)))
-  box = (padded[:-1, :-1, :-1] + padded[1:, :-1, :-1] + padded[:-1, 1:, :-1] + padded[:-1, :-1, 1:]
-         + padded[1:, 1:, :-1] + padded[1:, :-1, 1:] + padded[:-1, 1:, 1:] + padded[1:, 1:, 1:]) / 8.0
-  parts = [box[px::2, py::2, pz::2] for px in (0, 1) for py in (0, 1) for pz in (0, 1)]
-  return jnp.stack(parts)
+    Args:
+      volume: (X, Y, Z, C) with even X, Y, Z.
+    Returns:
+      (8, X/2 + 1, Y/2 + 1, Z/2 + 1, C): entry 4 px + 2 py + pz holds B[px - 1 + 2j, ...] so that index
+      j = 0 is the voxel just before the grid (zero padding included).
+    """
+    padded = jnp.pad(volume, ((1, 2), (1, 2), (1, 2), (0, 0)))
+    box = (
+        padded[:-1, :-1, :-1]
+        + padded[1:, :-1, :-1]
+        + padded[:-1, 1:, :-1]
+        + padded[:-1, :-1, 1:]
+        + padded[1:, 1:, :-1]
+        + padded[1:, :-1, 1:]
+        + padded[:-1, 1:, 1:]
+        + padded[1:, 1:, 1:]
+    ) / 8.0
+    parts = [box[px::2, py::2, pz::2] for px in (0, 1) for py in (0, 1) for pz in (0, 1)]
+    return jnp.stack(parts)
 
 
 def gather_large_patches(parity: jax.Array, locations: jax.Array, size: int) -> jax.Array:
-  """Large patches: the (2 size)^3 patch around each location average-pooled by 2 to size^3.
+    """Large patches: the (2 size)^3 patch around each location average-pooled by 2 to size^3.
 
-  Args:
-    parity: output of `pooled_parity_volumes`, (8, X/2 + 1, Y/2 + 1, Z/2 + 1, C).
-    locations: (N, 3) integer voxel indices.
-    size: S; the patch read covers l - S ... l + S - 1.
-  Returns:
-    (N, S, S, S, C).
-  """
-  channels = parity.shape[-1]
-  lo = size // 2
-  hi = size - 1 - lo
-  padded = jnp.pad(parity, ((0, 0), (lo, hi + 1), (lo, hi + 1), (lo, hi + 1), (0, 0)))
+    Args:
+      parity: output of `pooled_parity_volumes`, (8, X/2 + 1, Y/2 + 1, Z/2 + 1, C).
+      locations: (N, 3) integer voxel indices.
+      size: S; the patch read covers l - S ... l + S - 1.
+    Returns:
+      (N, S, S, S, C).
+    """
+    channels = parity.shape[-1]
+    lo = size // 2
+    hi = size - 1 - lo
+    padded = jnp.pad(parity, ((0, 0), (lo, hi + 1), (lo, hi + 1), (lo, hi + 1), (0, 0)))
 
-  def one(loc):
-    t = loc - size + 1  # box-filter index of the first pooled cell, shifted by the leading pad of 1
-    par = jnp.mod(t, 2)
-    start = jnp.floor_divide(t, 2) + lo
-    index = 4 * par[0] + 2 * par[1] + par[2]
-    zero = jnp.zeros((), loc.dtype)
-    out = jax.lax.dynamic_slice(padded, (index, start[0], start[1], start[2], zero),
-                                (1, size, size, size, channels))
-    return out[0]
+    def one(loc):
+        t = (
+            loc - size + 1
+        )  # box-filter index of the first pooled cell, shifted by the leading pad of 1
+        par = jnp.mod(t, 2)
+        start = jnp.floor_divide(t, 2) + lo
+        index = 4 * par[0] + 2 * par[1] + par[2]
+        zero = jnp.zeros((), loc.dtype)
+        out = jax.lax.dynamic_slice(
+            padded, (index, start[0], start[1], start[2], zero), (1, size, size, size, channels)
+        )
+        return out[0]
 
-  return jax.vmap(one)(locations)
+    return jax.vmap(one)(locations)
 
 
 @functools.lru_cache(maxsize=8)
 def _conv_matrix_index(size: int, kernel: int) -> np.ndarray:
-  """(S^3, S^3) index into the flattened kernel (k^3 taps, plus one zero slot at k^3) for in -> out."""
-  c = kernel // 2
-  grid = np.stack(np.meshgrid(*[np.arange(size)] * 3, indexing="ij"), -1).reshape(-1, 3)
-  offset = grid[:, None, :] - grid[None, :, :] + c  # (in p, out q, 3): tap that maps p to q
-  valid = np.all((offset >= 0) & (offset < kernel), axis=-1)
-  flat = (offset[..., 0] * kernel + offset[..., 1]) * kernel + offset[..., 2]
-  return np.where(valid, flat, kernel**3).astype(np.int32)
+    """(S^3, S^3) index into the flattened kernel (k^3 taps, plus one zero slot at k^3) for in -> out."""
+    c = kernel // 2
+    grid = np.stack(np.meshgrid(*[np.arange(size)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    offset = grid[:, None, :] - grid[None, :, :] + c  # (in p, out q, 3): tap that maps p to q
+    valid = np.all((offset >= 0) & (offset < kernel), axis=-1)
+    flat = (offset[..., 0] * kernel + offset[..., 1]) * kernel + offset[..., 2]
+    return np.where(valid, flat, kernel**3).astype(np.int32)
 
 
 def conv_matrix(kernel: jax.Array, size: int) -> jax.Array:
-  """The 'same' convolution of an S^3 patch as a matrix.
+    """The 'same' convolution of an S^3 patch as a matrix.
 
-  Args:
-    kernel: (k, k, k, Cin, Cout) cross-correlation kernel (flax/XLA convention), k odd.
-    size: S.
-  Returns:
-    (S^3 Cin, S^3 Cout) matrix M with flatten(conv(p)) = flatten(p) @ M, flattening (S, S, S, C)
-    row-major.
-  """
-  k, cin, cout = kernel.shape[0], kernel.shape[3], kernel.shape[4]
-  taps = jnp.concatenate([kernel.reshape(k**3, cin, cout), jnp.zeros((1, cin, cout), kernel.dtype)])
-  m = taps[_conv_matrix_index(size, k)]  # (S^3, S^3, Cin, Cout)
-  return m.transpose(0, 2, 1, 3).reshape(size**3 * cin, size**3 * cout)
+    Args:
+      kernel: (k, k, k, Cin, Cout) cross-correlation kernel (flax/XLA convention), k odd.
+      size: S.
+    Returns:
+      (S^3 Cin, S^3 Cout) matrix M with flatten(conv(p)) = flatten(p) @ M, flattening (S, S, S, C)
+      row-major.
+    """
+    k, cin, cout = kernel.shape[0], kernel.shape[3], kernel.shape[4]
+    taps = jnp.concatenate(
+        [kernel.reshape(k**3, cin, cout), jnp.zeros((1, cin, cout), kernel.dtype)]
+    )
+    m = taps[_conv_matrix_index(size, k)]  # (S^3, S^3, Cin, Cout)
+    return m.transpose(0, 2, 1, 3).reshape(size**3 * cin, size**3 * cout)
 
 
 class PatchConv(nn.Module):
-  """A 'same' k^3 convolution of S^3 patches applied as one GEMM. (..., S^3 Cin) -> (..., S^3 Cout)."""
+    """A 'same' k^3 convolution of S^3 patches applied as one GEMM. (..., S^3 Cin) -> (..., S^3 Cout)."""
 
-  features: int
-  size: int
-  kernel: int
+    features: int
+    size: int
+    kernel: int
 
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    cin = x.shape[-1] // self.size**3
-    shape = (self.kernel,) * 3 + (cin, self.features)
-    kern = self.param("kernel", nn.initializers.lecun_normal(), shape)
-    bias = self.param("bias", nn.initializers.zeros, (self.features,))
-    y = x @ conv_matrix(kern, self.size).astype(x.dtype)
-    y = y.reshape(*x.shape[:-1], self.size**3, self.features) + bias.astype(x.dtype)
-    return y.reshape(*x.shape[:-1], self.size**3 * self.features)
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cin = x.shape[-1] // self.size**3
+        shape = (self.kernel,) * 3 + (cin, self.features)
+        kern = self.param("kernel", nn.initializers.lecun_normal(), shape)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        y = x @ conv_matrix(kern, self.size).astype(x.dtype)
+        y = y.reshape(*x.shape[:-1], self.size**3, self.features) + bias.astype(x.dtype)
+        return y.reshape(*x.shape[:-1], self.size**3 * self.features)
 
 
 class PatchEncoder(nn.Module):
-  """conv k^3 (C -> max(C/2, 1)) -> act -> dropout -> conv k^3 (-> 1) -> act, flattened.
+    """conv k^3 (C -> max(C/2, 1)) -> act -> dropout -> conv k^3 (-> 1) -> act, flattened.
 
-  (B, N, S, S, S, C) patches -> (B, N, S^3) features (343 for S = 7).
-  """
+    (B, N, S, S, S, C) patches -> (B, N, S^3) features (343 for S = 7).
+    """
 
-  kernel: int = 7
-  activation: str = "pau"
-  dropout: float = 0.0
+    kernel: int = 7
+    activation: str = "pau"
+    dropout: float = 0.0
 
-  @nn.compact
-  def __call__(self, patches: jax.Array, train: bool) -> jax.Array:
-    size, channels = patches.shape[-2], patches.shape[-1]
-    act = make_activation(self.activation)
-    x = patches.reshape(*patches.shape[:-4], size**3 * channels)
-    x = act(name="act1")(PatchConv(max(channels // 2, 1), size, self.kernel, name="conv1")(x))
-    x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    return act(name="act2")(PatchConv(1, size, self.kernel, name="conv2")(x))
+    @nn.compact
+    def __call__(self, patches: jax.Array, train: bool) -> jax.Array:
+        size, channels = patches.shape[-2], patches.shape[-1]
+        act = make_activation(self.activation)
+        x = patches.reshape(*patches.shape[:-4], size**3 * channels)
+        x = act(name="act1")(PatchConv(max(channels // 2, 1), size, self.kernel, name="conv1")(x))
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        return act(name="act2")(PatchConv(1, size, self.kernel, name="conv2")(x))
