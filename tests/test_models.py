@@ -89,3 +89,18 @@ def test_unknown_encoder_is_rejected(tmp_path):
         model.init(
             jax.random.key(0), jnp.zeros((1, 16, 16, 8, 4)), train=False, method=OSSNet.encode
         )
+
+
+def test_patch_size_is_a_config_value(tmp_path):
+    config = _config("oss_net_d", tmp_path)
+    config.model.patch_size = 5
+    model = build_model(config)
+    image = jax.random.normal(jax.random.key(0), (1,) + TINY_GRID + (4,))
+    locs = jax.random.randint(jax.random.key(1), (1, 3, 3), 0, 16)
+    low, patches = train_state.model_inputs(config, image, locs)
+    assert patches.shape == (1, 3, 5, 5, 5, 8)
+    variables = model.init(jax.random.key(2), low, locs, patches, train=False)
+    assert variables["params"]["patch_net"]["conv1"]["kernel"].shape == (5, 5, 5, 8, 4)
+    config.model.patch_size = 6
+    with pytest.raises(ValueError, match="must be odd"):
+        build_model(config)

@@ -32,6 +32,7 @@ class OSSNet(nn.Module):
     decoder_width: int = 512
     decoder_blocks: int = 5
     patches: bool = True
+    patch_size: int = 7
     seg_head: bool = True
     activation: str = "pau"
     dropout: float = 0.0
@@ -49,7 +50,7 @@ class OSSNet(nn.Module):
             self.dropout,
         )
         if self.patches:
-            self.patch_net = PatchEncoder(7, self.activation, self.dropout)
+            self.patch_net = PatchEncoder(self.patch_size, self.activation, self.dropout)
         self.decoder_net = Decoder(
             self.decoder_width, self.decoder_blocks, 1, self.activation, self.dropout
         )
@@ -87,9 +88,9 @@ def build_model(config: ml_collections.ConfigDict) -> OSSNet:
     m = config.model
     if m.name != "oss_net":
         raise ValueError(f"model.name {m.name!r} is not an occupancy network model")
-    if m.patches and m.patch_size != 7:
+    if m.patches and m.patch_size % 2 == 0:
         raise ValueError(
-            f"model.patch_size must be 7 (the patch encoder's 7^3 kernels), got {m.patch_size}"
+            f"model.patch_size must be odd (the patch encoder's 'same' kernels), got {m.patch_size}"
         )
     return OSSNet(
         grid_shape=tuple(config.data.grid_shape),
@@ -98,6 +99,7 @@ def build_model(config: ml_collections.ConfigDict) -> OSSNet:
         decoder_width=m.decoder_width,
         decoder_blocks=m.decoder_blocks,
         patches=m.patches,
+        patch_size=m.patch_size,
         seg_head=m.seg_head,
         activation=m.activation,
         dropout=m.dropout,
