@@ -5,7 +5,7 @@ covers voxels l - S//2 ... l - S//2 + S - 1 along each axis; voxels outside the 
 
 The patch encoder's 'same' convolutions act on one S^3 patch at a time, so each is a fixed linear map
 R^(S^3 Cin) -> R^(S^3 Cout). We apply it as one matrix built from the kernel (parameters stay conv
-kernels): on the 2-core CPU this runs at ~178 GFLOP/s against 1.4 GFLOP/s for XLA's 3D convolution on
+kernels): on the 2-core CPU this runs at 160-190 GFLOP/s against 0.4-5.8 GFLOP/s for XLA's 3D convolution on
 7^3 patches (benchmarks/NOTES.md), and tests check it against the convolution, gradients included.
 """
 
