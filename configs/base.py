@@ -72,6 +72,8 @@ def get_base_config(preset: str = "brats") -> ml_collections.ConfigDict:
     train.checkpoint_every = 185
     train.log_every = 50
     train.seed = 0
+    train.max_nonfinite_steps = 10  # stop after this many consecutive skipped (NaN/Inf) updates
+    train.allow_config_change = False  # resume even if model/data keys differ from config.json
 
     config.eval = ev = ml_collections.ConfigDict()
     ev.threshold = 0.5

@@ -34,7 +34,12 @@ def train_step(
     tx: optax.GradientTransformation,
     config: ml_collections.ConfigDict,
 ) -> tuple[TrainState, dict]:
-    """One update from a batch {'image' (B,X,Y,Z,C), 'target' (B,X,Y,Z), 'band' (B,X,Y,Z)}."""
+    """One update from a batch {'image' (B,X,Y,Z,C), 'target' (B,X,Y,Z), 'band' (B,X,Y,Z)}.
+
+    If the loss or any gradient is NaN/Inf the update is skipped: the returned state is the input state
+    (parameters, batch_stats and opt_state bitwise unchanged) with only `step` incremented, so the next
+    step draws the next cases and randomness. metrics['skipped'] is () int32, 1 for a skipped update.
+    """
     t = config.train
     rng = jax.random.fold_in(rng, state.step)
     k_aug, k_loc, k_drop = jax.random.split(rng, 3)
@@ -72,15 +77,21 @@ def train_step(
     grads, (batch_stats, logits, point_loss, seg_loss) = jax.grad(loss_fn, has_aux=True)(
         state.params.fast
     )
+    loss = point_loss + t.seg_loss_weight * seg_loss
+    finite = jnp.isfinite(loss) & jnp.all(
+        jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+    )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = state.replace(
-        step=state.step + 1,
+    updated = state.replace(
         params=optax.apply_updates(state.params, updates),
         batch_stats=batch_stats,
         opt_state=opt_state,
     )
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+    new_state = new_state.replace(step=state.step + 1)
     out = {
-        "loss": point_loss + t.seg_loss_weight * seg_loss,
+        "loss": loss,
+        "skipped": jnp.logical_not(finite).astype(jnp.int32),
         "point_loss": point_loss,
         "seg_loss": seg_loss,
         "learning_rate": lr_schedule(t)(state.step),
@@ -147,21 +158,92 @@ def _write_json(path: pathlib.Path, payload: Any) -> None:
     tmp.replace(path)
 
 
+RESUME_DATA_KEYS = ("grid_shape", "num_channels", "downscale", "label_mode")
+
+
+def _resume_keys(config: dict) -> dict:
+    """Dotted key -> value of the JSON config entries that change the parameters or the data."""
+    keys = {f"model.{k}": v for k, v in config.get("model", {}).items()}
+    data = config.get("data", {})
+    keys.update({f"data.{k}": data[k] for k in RESUME_DATA_KEYS if k in data})
+    return keys
+
+
+def config_differences(saved: dict, new: dict) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, new value) of each model/data key that differs between two JSON configs.
+
+    Both configs are compared after a JSON round trip (tuples and lists are equal); a key present in
+    only one of them shows '<absent>' on the other side.
+    """
+    old_keys = _resume_keys(json.loads(json.dumps(saved)))
+    new_keys = _resume_keys(json.loads(json.dumps(new)))
+    return [
+        (key, old_keys.get(key, "<absent>"), new_keys.get(key, "<absent>"))
+        for key in sorted(old_keys.keys() | new_keys.keys())
+        if old_keys.get(key, "<absent>") != new_keys.get(key, "<absent>")
+    ]
+
+
+def check_resume_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+    """Raises ValueError if WORKDIR/config.json differs from `config` on a model/data key.
+
+    Only called when WORKDIR/checkpoints holds a checkpoint; train.allow_config_change skips the check.
+    """
+    saved_path = workdir / "config.json"
+    if config.train.allow_config_change or not saved_path.exists():
+        return
+    differences = config_differences(
+        json.loads(saved_path.read_text()), json.loads(config.to_json())
+    )
+    if differences:
+        lines = "\n".join(
+            f"  {key}: {old!r} (saved) -> {new!r} (new)" for key, old, new in differences
+        )
+        raise ValueError(
+            f"{workdir} holds checkpoints of a different configuration:\n{lines}\n"
+            "Train in a new --workdir, or set --config.train.allow_config_change=True to resume anyway."
+        )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains (resuming from WORKDIR/checkpoints if present), then evaluates densely; returns eval metrics."""
+    """Trains (resuming from WORKDIR/checkpoints if present), then evaluates densely; returns eval metrics.
+
+    Resuming refuses (ValueError, before anything is written) a config whose model or data keys differ
+    from WORKDIR/config.json, unless train.allow_config_change; config.json is only overwritten once the
+    checkpoint is restored. An update with a NaN/Inf loss or gradient
+    is skipped (parameters unchanged) and logged as {"step", "skipped_nonfinite": 1} in metrics.jsonl;
+    train.max_nonfinite_steps consecutive skips raise FloatingPointError. Checkpoints are only written
+    after an applied update, except at the last step, whose parameters are those of the last applied one.
+    """
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    _write_json(workdir / "config.json", json.loads(config.to_json()))
+    ckpt = checkpointing.Checkpoints(workdir)
+    try:
+        start = ckpt.latest_step() or 0
+        if ckpt.latest_step() is not None:
+            check_resume_config(config, workdir)
+        val_cases = _train(config, workdir, ckpt, start)
+    finally:
+        ckpt.close()
+    return evaluation.evaluate(config, workdir, val_cases)
+
+
+def _train(
+    config: ml_collections.ConfigDict,
+    workdir: pathlib.Path,
+    ckpt: checkpointing.Checkpoints,
+    start: int,
+) -> list:
+    """The host loop of train_and_evaluate from step `start` to train.steps; returns the validation cases."""
     train_cases, val_cases = dataset.load_split(config)
     t = config.train
     model = build_model(config)
     tx = make_optimizer(config)
     state = init_state(config, model, tx, jax.random.key(t.seed))
-    ckpt = checkpointing.Checkpoints(workdir)
-    start = ckpt.latest_step() or 0
     if start:
         state = ckpt.restore(start, state)
         print(f"resuming from step {start} of {workdir / 'checkpoints'}")
+    _write_json(workdir / "config.json", json.loads(config.to_json()))
     step_fn = jax.jit(
         functools.partial(train_step, model=model, tx=tx, config=config), donate_argnums=0
     )
@@ -172,6 +254,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ]
     log_path = workdir / "metrics.jsonl"
     tick, wait = time.perf_counter(), 0.0
+    nonfinite = 0  # consecutive skipped updates
     with (
         Prefetcher(lambda s: dataset.stack_batch(cases_of(s)), start, t.steps) as batches,
         tqdm(total=t.steps, initial=start, desc="train", dynamic_ncols=True) as bar,
@@ -183,6 +266,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             wait += time.perf_counter() - waited
             state, out = step_fn(state, batch, rng)
             done = step + 1
+            nonfinite = nonfinite + 1 if int(out["skipped"]) else 0
+            if nonfinite:
+                log.write(json.dumps({"step": done, "skipped_nonfinite": 1}) + "\n")
+                log.flush()
+                tqdm.write(f"step {done}: non-finite loss or gradients, update skipped")
+            if nonfinite >= t.max_nonfinite_steps:
+                last = ckpt.latest_step()
+                kept = (
+                    f"the last good checkpoint (step {last}) in {ckpt.directory} is intact"
+                    if last is not None
+                    else f"no checkpoint was written to {ckpt.directory}"
+                )
+                raise FloatingPointError(
+                    f"{nonfinite} consecutive non-finite steps (loss or gradients) at step {done}; "
+                    f"training stopped without saving, {kept}"
+                )
             if done % t.log_every == 0 or done == t.steps:
                 out = jax.device_get(out)
                 elapsed = time.perf_counter() - tick
@@ -213,9 +312,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     f"step {done}: validation Dice {val['val_dice']:.4f} IoU {val['val_iou']:.4f}"
                     " (sampled locations)"
                 )
-            if val is not None or done % t.checkpoint_every == 0 or done == t.steps:
+            periodic = val is not None or done % t.checkpoint_every == 0
+            if (periodic and not nonfinite) or done == t.steps:
                 ckpt.save(done, state, val)
             if done == bar.n:  # a window was just logged: time the next one from here
                 tick, wait = time.perf_counter(), 0.0
-    ckpt.close()
-    return evaluation.evaluate(config, workdir, val_cases)
+    return val_cases
