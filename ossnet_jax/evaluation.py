@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ossnet_jax import checkpointing, metrics, train_state
+from ossnet_jax import checkpointing, files, metrics, train_state
 from ossnet_jax.data import dataset, nifti, preprocess
 from ossnet_jax.inference.octree import BandRefinement, seed_from_segmentation
 from ossnet_jax.models.oss_net import OSSNet, build_model, downscale, observe, patch_source
@@ -139,8 +139,5 @@ def evaluate(
             "dice": float(np.mean([r["dice"] for r in scored])),
             "iou": float(np.mean([r["iou"] for r in scored])),
         }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out_dir / "metrics.json")
+    files.write_json(out_dir / "metrics.json", result)
     return result

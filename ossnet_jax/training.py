@@ -18,7 +18,7 @@ import ml_collections
 import optax
 from tqdm import tqdm
 
-from ossnet_jax import checkpointing, evaluation, losses, metrics
+from ossnet_jax import checkpointing, evaluation, files, losses, metrics
 from ossnet_jax.data import augment, dataset, sampling
 from ossnet_jax.data.prefetch import Prefetcher
 from ossnet_jax.models.oss_net import OSSNet, build_model
@@ -152,12 +152,6 @@ class PointValidator:
         }
 
 
-def _write_json(path: pathlib.Path, payload: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(path)
-
-
 RESUME_DATA_KEYS = ("grid_shape", "num_channels", "downscale", "label_mode")
 
 
@@ -220,7 +214,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt = checkpointing.Checkpoints(workdir)
     try:
         start = ckpt.latest_step() or 0
-        if ckpt.latest_step() is not None:
+        if start:
             check_resume_config(config, workdir)
         val_cases = _train(config, workdir, ckpt, start)
     finally:
@@ -243,7 +237,7 @@ def _train(
     if start:
         state = ckpt.restore(start, state)
         print(f"resuming from step {start} of {workdir / 'checkpoints'}")
-    _write_json(workdir / "config.json", json.loads(config.to_json()))
+    files.write_json(workdir / "config.json", json.loads(config.to_json()))
     step_fn = jax.jit(
         functools.partial(train_step, model=model, tx=tx, config=config), donate_argnums=0
     )
