@@ -75,6 +75,11 @@ class Predictor:
         ]  # dispatched asynchronously, then gathered
         return np.concatenate([np.asarray(o) for o in outs])[:m]
 
+    def compile(self, image: np.ndarray) -> None:
+        """Compiles encoder and decoder for this image shape (one encode, one decoder batch)."""
+        latents, _, source = self.encode(self.variables, jnp.asarray(image))
+        self.decode_all(latents, source, np.zeros((1, 3), np.int32))
+
     def predict(self, image: np.ndarray) -> tuple[np.ndarray, int]:
         """Binary prediction (X, Y, Z) bool on the padded grid, and the number of decoder evaluations."""
         ev = self.config.eval
@@ -119,7 +124,7 @@ def evaluate(
     out_dir = workdir / "eval"
     rows = []
     if cases:
-        predictor.predict(np.asarray(cases[0].image))  # compile outside the timings
+        predictor.compile(np.asarray(cases[0].image))  # keep compilation out of the timings
     for case in cases:
         start = time.perf_counter()
         grid_pred, evaluations = predictor.predict(np.asarray(case.image))
