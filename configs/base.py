@@ -2,7 +2,8 @@
 
 Variant files import `get_base_config` and override a handful of fields. Presets:
   'brats' (default) the official BraTS 2020 sizes: 240x240x155 padded to 256x256x160, 4 modalities.
-  'lits'  the official LiTS sizes: CT resampled to 512^3, 1 channel, encoder 1->8->16->32->64->128.
+  'lits'  the official LiTS sizes: CT clipped to [-200, 250] HU and resampled to 512^3, 1 channel,
+          encoder 1->8->16->32->64->128.
   'small' a CPU-sized version of the same structure on the built-in synthetic BraTS-like data:
           96x96x64 grid, 3 encoder blocks, a 128-wide decoder, 2 x 2048 locations, 400 steps.
 Only strings, numbers, booleans and tuples of them live here.
@@ -24,7 +25,16 @@ def get_base_config(preset: str = "brats") -> ml_collections.ConfigDict:
     data.root = "data/MICCAI_BraTS2020_TrainingData"
     data.grid_shape = (256, 256, 160)  # padded full-resolution grid (voxels)
     data.downscale = 2  # the encoder sees the grid average-pooled by this factor
-    data.label_mode = "binary"  # foreground = label > 0
+    data.label_mode = "binary"  # 'binary' (label > 0) | 'multiclass' (softmax) | 'brats_regions'
+    data.labels = (0, 1, 2, 4)  # label values on disk, background first (MSD: from dataset.json)
+    data.label_names = ("background", "necrotic tumour core", "oedema", "enhancing tumour")
+    data.region_names = ("whole_tumour", "tumour_core", "enhancing_tumour")  # for 'brats_regions'
+    data.region_labels = ((1, 2, 4), (1, 4), (4,))  # label values inside each region, nested
+    data.clip_range = ()  # (low, high) intensity clip before normalisation, e.g. a CT window in HU
+    data.normalize = "nonzero"  # z-score over 'nonzero' voxels (MRI) | 'all' voxels (CT)
+    data.resample = False  # False: pad into grid_shape (BraTS); True: resample to it (LiTS)
+    data.subset = "training"  # MSD: 'training' (imagesTr/labelsTr) | 'test' (imagesTs)
+    data.split_file = ""  # optional JSON {"train": [ids], "val": [ids]} instead of the seeded split
     data.val_fraction = 0.2
     data.seed = 0
     data.num_channels = 4  # flair, t1, t1ce, t2
@@ -86,6 +96,11 @@ def get_base_config(preset: str = "brats") -> ml_collections.ConfigDict:
         data.root = "data/LiTS"
         data.grid_shape = (512, 512, 512)
         data.num_channels = 1
+        data.labels = (0, 1, 2)
+        data.label_names = ("background", "liver", "tumour")
+        data.clip_range = (-200.0, 250.0)  # abdominal window in HU
+        data.normalize = "all"
+        data.resample = True
         model.encoder_channels = (8, 16, 32, 64, 128)
     elif preset == "small":
         data.format = "synthetic"

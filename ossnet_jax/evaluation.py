@@ -1,8 +1,12 @@
 """Dense evaluation of a trained checkpoint: encode once, refine with a jitted fixed-size decoder.
 
 Writes WORKDIR/eval/metrics.json
-  {"mean": {"dice", "iou"}, "cases": [{"id", "dice", "iou", "decoder_points", "seconds"}]}
-and WORKDIR/eval/predictions/<id>.nii.gz (uint8, the input's shape and affine).
+  {"step", "mean": {"dice", "iou"[, "regions"|"classes"]},
+   "cases": [{"id", "dice", "iou", "decoder_points", "seconds"[, "regions"|"classes"]}]}
+where "regions" (label_mode 'brats_regions') or "classes" ('multiclass') maps each region or class name
+to {"dice", "iou"} and the top-level dice/iou are their mean; and WORKDIR/eval/predictions/<id>.nii.gz:
+a label map in label values (binary: 0/1; BraTS regions: 0/1/2/4) with the input file's shape, affine
+and voxel order, so it opens aligned on the image in ITK-SNAP or 3D Slicer.
 """
 
 import functools
@@ -17,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from ossnet_jax import checkpointing, files, metrics, train_state
-from ossnet_jax.data import dataset, nifti, preprocess
+from ossnet_jax.data import dataset, labels, nifti
 from ossnet_jax.inference.octree import BandRefinement, seed_from_segmentation
 from ossnet_jax.models.oss_net import OSSNet, build_model, downscale, observe, patch_source
 
@@ -33,7 +37,9 @@ def load_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
 def _encode(variables: dict, image: jax.Array, *, model: OSSNet, config: ml_collections.ConfigDict):
     low = downscale(image[None], config.data.downscale)
     latents, seg = model.apply(variables, low, train=False, method=OSSNet.encode)
-    seg_prob = None if seg is None else jax.nn.sigmoid(seg[0])
+    seg_prob = None
+    if seg is not None:  # any channel of the head: (sx, sy, sz)
+        seg_prob = jax.nn.sigmoid(seg[0] if seg.ndim == 4 else seg[0].max(axis=-1))
     source = patch_source(image, config.model.large_patches) if config.model.patches else None
     return latents, seg_prob, source
 
@@ -51,20 +57,21 @@ def _decode(
     logits = model.apply(
         variables, locations[None], patches, latents, train=False, method=OSSNet.decode
     )
-    return jax.nn.sigmoid(logits[0])
+    return labels.label_spec(config.data).probabilities(logits[0])
 
 
 class Predictor:
-    """Dense occupancy of whole volumes; the decoder is compiled once for eval.batch_points locations."""
+    """Dense label maps of whole volumes; the decoder is compiled once for eval.batch_points locations."""
 
     def __init__(self, config: ml_collections.ConfigDict, model: OSSNet, variables: dict):
         self.config = config
+        self.spec = labels.label_spec(config.data)
         self.variables = variables
         self.encode = jax.jit(functools.partial(_encode, model=model, config=config))
         self.decode = jax.jit(functools.partial(_decode, model=model, config=config))
 
     def decode_all(self, latents, source, locations: np.ndarray) -> np.ndarray:
-        """Occupancy probabilities (M,) of (M, 3) locations, in padded batches of eval.batch_points."""
+        """Probabilities (M[, O]) of (M, 3) locations, in padded batches of eval.batch_points."""
         size = self.config.eval.batch_points
         m = len(locations)
         padded = np.zeros((-(-m // size) * size, 3), np.int32)
@@ -81,16 +88,24 @@ class Predictor:
         self.decode_all(latents, source, np.zeros((1, 3), np.int32))
 
     def predict(self, image: np.ndarray) -> tuple[np.ndarray, int]:
-        """Binary prediction (X, Y, Z) bool on the padded grid, and the number of decoder evaluations."""
+        """Label map (X, Y, Z) int32 in label values on the padded grid, and the decoder evaluations.
+
+        The refinement follows the foreground score of LabelSpec.decide (any output that changes), so
+        every voxel next to predicted foreground is evaluated; voxels never evaluated are background.
+        """
         ev = self.config.eval
         latents, seg_prob, source = self.encode(self.variables, jnp.asarray(image))
         seed = None
         if ev.seeded and seg_prob is not None:
             seed = seed_from_segmentation(np.asarray(seg_prob), image.shape[:3], ev.threshold)
         refinement = BandRefinement(image.shape[:3], tuple(ev.strides), ev.threshold, seed)
+        values = np.zeros(image.shape[:3], np.int32)
         while not refinement.done:
-            refinement.update(self.decode_all(latents, source, refinement.query()))
-        return refinement.to_dense(), refinement.num_evaluated
+            query = refinement.query()
+            score, value = self.spec.decide(self.decode_all(latents, source, query), ev.threshold)
+            values[tuple(query.T)] = value
+            refinement.update(score)
+        return np.where(refinement.to_dense(), values, 0), refinement.num_evaluated
 
 
 def restore_predictor(
@@ -111,6 +126,37 @@ def restore_predictor(
     return Predictor(config, model, variables), step
 
 
+def _label_dtype(values: tuple[int, ...]) -> type:
+    return np.uint8 if max(values) < 256 else np.uint16
+
+
+def score(spec: labels.LabelSpec, pred: np.ndarray, target: np.ndarray) -> dict:
+    """{"dice", "iou"} of two label maps in label values, the mean over the spec's channels, plus
+    {"regions"|"classes": {name: {"dice", "iou"}}} when there are several channels."""
+    per_channel = {}
+    for name, p, t in zip(spec.names, spec.value_masks(pred), spec.value_masks(target)):
+        counts = metrics.overlap_counts(p, t)
+        per_channel[name] = {
+            "dice": metrics.dice_from_counts(counts),
+            "iou": metrics.iou_from_counts(counts),
+        }
+    row = {k: float(np.mean([c[k] for c in per_channel.values()])) for k in ("dice", "iou")}
+    if spec.num_channels > 1:
+        row["regions" if spec.mode == "brats_regions" else "classes"] = per_channel
+    return row
+
+
+def _mean(rows: list[dict]) -> dict:
+    """Mean over cases of every numeric metric, nested dicts included."""
+    out = {}
+    for key, value in rows[0].items():
+        if isinstance(value, dict):
+            out[key] = _mean([r[key] for r in rows])
+        else:
+            out[key] = float(np.mean([r[key] for r in rows]))
+    return out
+
+
 def evaluate(
     config: ml_collections.ConfigDict,
     workdir: str | pathlib.Path,
@@ -121,6 +167,7 @@ def evaluate(
     if cases is None:
         _, cases = dataset.load_split(config)
     predictor, step = restore_predictor(config, workdir)
+    spec = predictor.spec
     out_dir = workdir / "eval"
     rows = []
     if cases:
@@ -129,20 +176,20 @@ def evaluate(
         start = time.perf_counter()
         grid_pred, evaluations = predictor.predict(np.asarray(case.image))
         seconds = time.perf_counter() - start
-        pred = preprocess.crop_from_grid(grid_pred, case.shape, case.offsets).astype(np.uint8)
+        pred = case.to_file_geometry(grid_pred).astype(_label_dtype(spec.values))
         nifti.save_nifti(out_dir / "predictions" / f"{case.id}.nii.gz", pred, case.affine)
         row = {"id": case.id, "decoder_points": int(evaluations), "seconds": round(seconds, 3)}
-        if case.target is not None:
-            target = preprocess.crop_from_grid(np.asarray(case.target), case.shape, case.offsets)
-            counts = metrics.overlap_counts(pred, target)
-            row.update(dice=metrics.dice_from_counts(counts), iou=metrics.iou_from_counts(counts))
+        target = case.target_in_file_geometry()
+        if target is not None:
+            row.update(score(spec, pred, np.asarray(spec.values)[target]))
         rows.append(row)
-    scored = [r for r in rows if "dice" in r]
+    scored = [
+        {k: v for k, v in r.items() if k not in ("id", "decoder_points", "seconds")}
+        for r in rows
+        if "dice" in r
+    ]
     result = {"step": step, "cases": rows}
     if scored:
-        result["mean"] = {
-            "dice": float(np.mean([r["dice"] for r in scored])),
-            "iou": float(np.mean([r["iou"] for r in scored])),
-        }
+        result["mean"] = _mean(scored)
     files.write_json(out_dir / "metrics.json", result)
     return result

@@ -1,4 +1,7 @@
-"""Losses of the official recipe: BCE at the sampled locations plus a weighted BCE of the segmentation head."""
+"""Losses of the official recipe: BCE at the sampled locations plus a weighted BCE of the segmentation head.
+
+The point loss of the other label modes lives with them in data/labels.py (LabelSpec.point_loss).
+"""
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +16,9 @@ def bce(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def max_pool_target(target: jax.Array, out_shape: tuple[int, int, int]) -> jax.Array:
-    """Adaptive max-pool of (B, X, Y, Z) 0/1 labels to (B, *out_shape): any foreground in a cell counts."""
-    b, x, y, z = target.shape
+    """Adaptive max-pool of (B, X, Y, Z, ...) 0/1 masks to (B, *out_shape, ...): any voxel in a cell counts."""
+    b, x, y, z = target.shape[:4]
+    rest = target.shape[4:]
     fx, fy, fz = x // out_shape[0], y // out_shape[1], z // out_shape[2]
-    cells = target.reshape(b, out_shape[0], fx, out_shape[1], fy, out_shape[2], fz)
+    cells = target.reshape(b, out_shape[0], fx, out_shape[1], fy, out_shape[2], fz, *rest)
     return cells.max(axis=(2, 4, 6))

@@ -126,3 +126,21 @@ def point_counts(
         "fp": jnp.sum(pred & ~target, dtype=jnp.int32),
         "fn": jnp.sum(~pred & target, dtype=jnp.int32),
     }
+
+
+def mask_counts(pred: jnp.ndarray, target: jnp.ndarray) -> dict[str, jnp.ndarray]:
+    """Per-channel tp/fp/fn of bool masks (..., R), usable inside ``jax.jit``: int32 arrays (R,)."""
+    if jnp.shape(pred) != jnp.shape(target):
+        raise ValueError(f"pred shape {jnp.shape(pred)} does not match target {jnp.shape(target)}")
+    axes = tuple(range(jnp.ndim(pred) - 1))
+    return {
+        "tp": jnp.sum(pred & target, axis=axes, dtype=jnp.int32),
+        "fp": jnp.sum(pred & ~target, axis=axes, dtype=jnp.int32),
+        "fn": jnp.sum(~pred & target, axis=axes, dtype=jnp.int32),
+    }
+
+
+def channel_mean(counts: Counts, fn=dice_from_counts) -> float:
+    """Mean over channels of a metric of per-channel counts {"tp": (R,), ...} (macro average)."""
+    tp, fp, fneg = (np.atleast_1d(np.asarray(counts[k])) for k in ("tp", "fp", "fn"))
+    return float(np.mean([fn({"tp": a, "fp": b, "fn": c}) for a, b, c in zip(tp, fp, fneg)]))

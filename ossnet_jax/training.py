@@ -15,11 +15,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from tqdm import tqdm
 
 from ossnet_jax import checkpointing, evaluation, files, losses, metrics
-from ossnet_jax.data import augment, dataset, sampling
+from ossnet_jax.data import augment, dataset, labels, sampling
 from ossnet_jax.data.prefetch import Prefetcher
 from ossnet_jax.models.oss_net import OSSNet, build_model
 from ossnet_jax.train_state import TrainState, init_state, lr_schedule, make_optimizer, model_inputs
@@ -50,7 +51,8 @@ def train_step(
     locs = jax.vmap(lambda k, d: sampling.sample_locations(k, d, t.num_points, t.border_fraction))(
         jax.random.split(k_loc, b), band
     )
-    labels = jax.vmap(sampling.take_at)(target, locs)
+    spec = labels.label_spec(config.data)
+    index = jax.vmap(sampling.take_at)(target, locs)
     low, patches = model_inputs(config, image, locs)
 
     def loss_fn(fast):
@@ -63,10 +65,11 @@ def train_step(
             rngs={"dropout": k_drop},
             mutable=["batch_stats"],
         )
-        point_loss = losses.bce(logits, labels)
+        point_loss = spec.point_loss(logits, index)
         seg_loss = jnp.zeros(())
         if seg is not None:
-            seg_loss = losses.bce(seg, losses.max_pool_target(target, seg.shape[1:]))
+            coarse = losses.max_pool_target(spec.channel_masks(target), seg.shape[1:4])
+            seg_loss = losses.bce(seg, coarse if seg.ndim == 5 else coarse[..., 0])
         return point_loss + t.seg_loss_weight * seg_loss, (
             mutated["batch_stats"],
             logits,
@@ -95,7 +98,9 @@ def train_step(
         "point_loss": point_loss,
         "seg_loss": seg_loss,
         "learning_rate": lr_schedule(t)(state.step),
-        **metrics.point_counts(logits, labels),
+        **metrics.mask_counts(
+            spec.predicted_masks(logits, config.eval.threshold), spec.channel_masks(index)
+        ),
     }
     return new_state, out
 
@@ -109,7 +114,7 @@ def point_eval_step(
     model: OSSNet,
     config: ml_collections.ConfigDict,
 ) -> dict:
-    """tp/fp/fn of the slow parameters at fixed locations (B, N, 3) of validation volumes."""
+    """Per-channel tp/fp/fn (R,) of the slow parameters at fixed locations (B, N, 3) of validation volumes."""
     low, patches = model_inputs(config, image, locs)
     logits, _ = model.apply(
         {"params": state.params.slow, "batch_stats": state.batch_stats},
@@ -118,8 +123,10 @@ def point_eval_step(
         patches,
         train=False,
     )
-    return metrics.point_counts(
-        logits, jax.vmap(sampling.take_at)(target, locs), config.eval.threshold
+    spec = labels.label_spec(config.data)
+    index = jax.vmap(sampling.take_at)(target, locs)
+    return metrics.mask_counts(
+        spec.predicted_masks(logits, config.eval.threshold), spec.channel_masks(index)
     )
 
 
@@ -139,20 +146,28 @@ class PointValidator:
         self.step = jax.jit(functools.partial(point_eval_step, model=model, config=config))
 
     def __call__(self, state: TrainState) -> dict:
+        """{'val_dice', 'val_iou'}: over all cases' locations, averaged over the label channels."""
         totals = {"tp": 0, "fp": 0, "fn": 0}
         for case, locs in zip(self.cases, self.locations):
             counts = self.step(
                 state, jnp.asarray(case.image)[None], jnp.asarray(case.target)[None], locs
             )
             for k in totals:
-                totals[k] += int(counts[k])
+                totals[k] = totals[k] + np.asarray(counts[k], np.int64)
         return {
-            "val_dice": metrics.dice_from_counts(totals),
-            "val_iou": metrics.iou_from_counts(totals),
+            "val_dice": metrics.channel_mean(totals, metrics.dice_from_counts),
+            "val_iou": metrics.channel_mean(totals, metrics.iou_from_counts),
         }
 
 
-RESUME_DATA_KEYS = ("grid_shape", "num_channels", "downscale", "label_mode")
+RESUME_DATA_KEYS = (
+    "grid_shape",
+    "num_channels",
+    "downscale",
+    "label_mode",
+    "labels",
+    "region_labels",
+)
 
 
 def _resume_keys(config: dict) -> dict:
@@ -202,24 +217,30 @@ def check_resume_config(config: ml_collections.ConfigDict, workdir: pathlib.Path
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (resuming from WORKDIR/checkpoints if present), then evaluates densely; returns eval metrics.
 
-    Resuming refuses (ValueError, before anything is written) a config whose model or data keys differ
+    data.labels / num_channels are first resolved from the dataset (MSD dataset.json), then every case
+    is read and preprocessed: a bad file raises DataError listing every bad case before the workdir is
+    touched. Resuming refuses (ValueError, before anything is written) a config whose model or data keys differ
     from WORKDIR/config.json, unless train.allow_config_change; config.json is only overwritten once the
     checkpoint is restored. An update with a NaN/Inf loss or gradient
     is skipped (parameters unchanged) and logged as {"step", "skipped_nonfinite": 1} in metrics.jsonl;
     train.max_nonfinite_steps consecutive skips raise FloatingPointError. Checkpoints are only written
     after an applied update, except at the last step, whose parameters are those of the last applied one.
     """
+    config = dataset.resolve_data_config(config)
     workdir = pathlib.Path(workdir)
+    checkpoints = workdir / "checkpoints"
+    if checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir()):
+        check_resume_config(config, workdir)
+    cases = dataset.load_split(
+        config
+    )  # every data problem surfaces here, before anything is written
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt = checkpointing.Checkpoints(workdir)
     try:
-        start = ckpt.latest_step() or 0
-        if start:
-            check_resume_config(config, workdir)
-        val_cases = _train(config, workdir, ckpt, start)
+        _train(config, workdir, ckpt, ckpt.latest_step() or 0, cases)
     finally:
         ckpt.close()
-    return evaluation.evaluate(config, workdir, val_cases)
+    return evaluation.evaluate(config, workdir, cases[1])
 
 
 def _train(
@@ -227,9 +248,10 @@ def _train(
     workdir: pathlib.Path,
     ckpt: checkpointing.Checkpoints,
     start: int,
-) -> list:
-    """The host loop of train_and_evaluate from step `start` to train.steps; returns the validation cases."""
-    train_cases, val_cases = dataset.load_split(config)
+    cases: tuple[list, list],
+) -> None:
+    """The host loop of train_and_evaluate from step `start` to train.steps on (train, val) cases."""
+    train_cases, val_cases = cases
     t = config.train
     model = build_model(config)
     tx = make_optimizer(config)
@@ -285,7 +307,7 @@ def _train(
                     "point_loss": float(out["point_loss"]),
                     "seg_loss": float(out["seg_loss"]),
                     "learning_rate": float(out["learning_rate"]),
-                    "dice": metrics.dice_from_counts(out),
+                    "dice": metrics.channel_mean(out, metrics.dice_from_counts),
                     "points_per_s": t.batch_size * t.num_points * (done - bar.n) / elapsed,
                     "input_wait_fraction": wait / elapsed,
                 }
@@ -311,4 +333,3 @@ def _train(
                 ckpt.save(done, state, val)
             if done == bar.n:  # a window was just logged: time the next one from here
                 tick, wait = time.perf_counter(), 0.0
-    return val_cases

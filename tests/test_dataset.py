@@ -1,9 +1,11 @@
 """Preprocessing, the cache, the split and batch order."""
 
+import shutil
+
 import numpy as np
 import pytest
 
-from ossnet_jax.data import dataset, nifti, preprocess
+from ossnet_jax.data import dataset, layouts, nifti, preprocess
 from tests.conftest import TINY_GRID, tiny_config
 
 
@@ -52,7 +54,8 @@ def test_cache_is_built_once_and_read_without_nifti(synthetic_root, monkeypatch)
     assert len(train) == 4 and len(val) == 2
     case = train[0]
     assert case.image.shape == TINY_GRID + (4,) and case.image.dtype == np.float32
-    assert case.target.shape == TINY_GRID and set(np.unique(case.target)) <= {0, 1}
+    # class indices into data.labels (0, 1, 2, 4); the synthetic tumours hold all three labels
+    assert case.target.shape == TINY_GRID and set(np.unique(case.target)) == {0, 1, 2, 3}
     assert case.shape == (28, 28, 16) and case.offsets == (2, 2, 0)
     assert case.band[case.target.astype(bool)].any()
 
@@ -64,12 +67,24 @@ def test_cache_is_built_once_and_read_without_nifti(synthetic_root, monkeypatch)
     np.testing.assert_array_equal(np.asarray(again[0].image), np.asarray(case.image))
 
 
-def test_cache_key_changes_with_preprocessing(synthetic_root):
+def test_cache_key_changes_with_preprocessing_and_file_contents(synthetic_root, tmp_path):
     config = tiny_config(synthetic_root)
     case = dataset.find_cases(config)[0]
     key = dataset._cache_key(case, config)
     config.data.band_size = 7
     assert dataset._cache_key(case, config) != key
+    config.data.band_size = 5
+    assert dataset._cache_key(case, config) == key
+    copy = tmp_path / case.id
+    shutil.copytree(case.label_path.parent, copy)
+    moved = layouts.Case(
+        case.id, tuple(copy / p.name for p in case.image_paths), copy / case.label_path.name
+    )
+    assert dataset._cache_key(moved, config) == key  # contents, not paths or times, decide
+    label, affine = nifti.load_nifti(moved.label_path)
+    label[0, 0, 0] = 2
+    nifti.save_nifti(moved.label_path, label, affine)
+    assert dataset._cache_key(moved, config) != key
 
 
 def test_volume_too_large_for_grid_names_the_file(synthetic_root):

@@ -1,10 +1,17 @@
 """Cases on disk -> preprocessed arrays on the padded grid, cached once, split deterministically.
 
-The cache holds, per case, `image.npy` (X, Y, Z, C) float32 z-scored, `target.npy` (X, Y, Z) uint8,
-`band.npy` (X, Y, Z) bool and `meta.json` (affine, original shape, offsets). It is keyed by the
-preprocessing settings and each source file's size and modification time, written to a temporary
-folder and renamed into place, and memory-mapped on load, so the second epoch (and the next run) reads
-no NIfTI and datasets larger than memory still work.
+Reading a case: every image file is validated (nifti.load_nifti), channels are stacked (BraTS: one file
+per modality; MSD: a 4D file), the label must have the image's shape and affine and only declared label
+values, then image and label are reoriented to RAS (preprocess.to_canonical), intensities are clipped
+(data.clip_range, CT) and z-scored, and the volume is either padded into data.grid_shape (MRI) or
+resampled to it (data.resample, LiTS). Labels are stored as class indices into data.labels.
+
+The cache holds, per case, `image.npy` (X, Y, Z, C) float32, `target.npy` (X, Y, Z) uint8 class indices,
+`band.npy` (X, Y, Z) bool, for resampled cases `label.npy` (the class indices in the original geometry,
+for metrics), and `meta.json` (what maps a prediction back to the file's geometry). Its folder name holds
+a hash of the source files' contents and of the preprocessing settings, so a changed file or setting
+never reuses a stale entry; entries are written to a temporary folder and renamed into place (two runs may
+build the same cache at once) and memory-mapped on load.
 """
 
 import dataclasses
@@ -14,37 +21,89 @@ import os
 import pathlib
 import shutil
 import tempfile
+from typing import Optional
 
 import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from ossnet_jax.data import layouts, nifti, preprocess, synthetic
+from ossnet_jax.data import labels, layouts, nifti, preprocess, synthetic
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+AFFINE_TOLERANCE_MM = 1e-3  # image files and label of one case must agree to this (world mm)
 
 
 @dataclasses.dataclass(frozen=True)
 class PreparedCase:
-    """One case on the padded grid.
+    """One case on the padded grid, in RAS voxel order.
 
     Attributes:
-      id: case identifier (folder name for BraTS).
-      image: (X, Y, Z, C) float32, z-scored per channel, zero outside the original volume.
-      target: (X, Y, Z) uint8 0/1, or None when the case has no label.
+      id: case identifier (folder name for BraTS, lits-N for LiTS, file stem for MSD).
+      image: (X, Y, Z, C) float32, normalised, zero outside the original volume.
+      target: (X, Y, Z) uint8 class indices into data.labels, or None when the case has no label.
       band: (X, Y, Z) bool border band of the target, or None.
-      affine: (4, 4) voxel-to-world (mm) affine of the original files.
-      shape: (x, y, z) shape of the original volume.
-      offsets: where the original volume starts inside the grid.
+      affine: (4, 4) voxel-to-world (mm) affine of the original image file.
+      file_shape: (x, y, z) shape of the original image file (its voxel order).
+      ornt: the reorientation applied (rows [axis, flip]; preprocess.from_canonical undoes it).
+      shape: (x, y, z) shape of the reoriented volume before padding or resampling.
+      offsets: where that volume starts inside the grid (zeros when resampled).
+      resampled: whether the volume was resampled to the grid (else padded).
+      spacing: (3,) voxel size in mm of the reoriented volume's axes.
+      label: (x, y, z) uint8 class indices in the reoriented original geometry; only for resampled cases.
     """
 
     id: str
     image: np.ndarray
-    target: np.ndarray | None
-    band: np.ndarray | None
+    target: Optional[np.ndarray]
+    band: Optional[np.ndarray]
     affine: np.ndarray
+    file_shape: tuple[int, int, int]
+    ornt: tuple
     shape: tuple[int, int, int]
     offsets: tuple[int, int, int]
+    resampled: bool = False
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    label: Optional[np.ndarray] = None
+
+    def to_file_geometry(self, grid_array: np.ndarray) -> np.ndarray:
+        """A grid-shaped (X, Y, Z) label/mask array in the original file's shape and voxel order.
+
+        Padded cases are cropped, resampled ones resized back with nearest neighbour; then the
+        reorientation is undone, so the result lines up with the file's affine.
+        """
+        if self.resampled:
+            array = preprocess.resize(np.asarray(grid_array), self.shape, order=0)
+        else:
+            array = preprocess.crop_from_grid(np.asarray(grid_array), self.shape, self.offsets)
+        return preprocess.from_canonical(array, self.ornt)
+
+    def target_in_file_geometry(self) -> Optional[np.ndarray]:
+        """The label's class indices (x, y, z) in the file's geometry (the original label, not resized)."""
+        if self.target is None:
+            return None
+        if self.label is not None:
+            return preprocess.from_canonical(np.asarray(self.label), self.ornt)
+        return self.to_file_geometry(self.target)
+
+
+def _msd_task(config: ml_collections.ConfigDict) -> layouts.MsdTask:
+    return layouts.read_msd_task(config.data.root)
+
+
+def resolve_data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config` whose data.labels / data.label_names / data.num_channels come from the data.
+
+    For MSD they are read from dataset.json (modalities, labels); otherwise they are kept. Call it once
+    before building a model; the saved config.json then holds the resolved values.
+    """
+    config = ml_collections.ConfigDict(config.to_dict())
+    if config.data.format == "msd":
+        task = _msd_task(config)
+        config.data.num_channels = len(task.modalities)
+        config.data.labels = task.labels
+        config.data.label_names = task.label_names
+    labels.label_spec(config.data)  # validates the label settings early
+    return config
 
 
 def dataset_root(config: ml_collections.ConfigDict) -> pathlib.Path:
@@ -54,16 +113,13 @@ def dataset_root(config: ml_collections.ConfigDict) -> pathlib.Path:
         return synthetic.write_synthetic_brats(
             root, config.data.synthetic_cases, config.data.seed, tuple(config.data.synthetic_shape)
         )
-    if config.data.format == "brats":
-        return root
-    raise ValueError(
-        f"data.format {config.data.format!r} is not supported yet; use 'synthetic' or 'brats'"
-    )
+    return root
 
 
 def find_cases(config: ml_collections.ConfigDict) -> list[layouts.Case]:
-    """All cases of the configured dataset, sorted by id."""
-    return layouts.find_brats_cases(dataset_root(config))
+    """All cases of the configured dataset (data.format, data.root, data.subset), sorted by id."""
+    fmt = "brats" if config.data.format == "synthetic" else config.data.format
+    return layouts.find_cases(fmt, dataset_root(config), config.data.get("subset", "training"))
 
 
 def split_ids(ids: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -79,62 +135,146 @@ def split_ids(ids: list[str], val_fraction: float, seed: int) -> tuple[list[str]
     return train, val
 
 
+def read_split_file(path: str | os.PathLike[str], ids: list[str]) -> tuple[list[str], list[str]]:
+    """(train, val) ids from a JSON file {"train": [...], "val": [...]}; every id must be a known case."""
+    path = pathlib.Path(path)
+    try:
+        split = json.loads(path.read_text())
+        train, val = [str(i) for i in split["train"]], [str(i) for i in split["val"]]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise nifti.DataError(
+            f"{path}: not a split file with 'train' and 'val' lists of case ids ({err})"
+        ) from err
+    unknown = sorted(set(train + val) - set(ids))
+    if unknown:
+        raise nifti.DataError(f"{path}: case ids not in the dataset: {', '.join(unknown[:10])}")
+    both = sorted(set(train) & set(val))
+    if both:
+        raise nifti.DataError(f"{path}: case ids in both train and val: {', '.join(both[:10])}")
+    return sorted(train), sorted(val)
+
+
+def _file_digest(path: pathlib.Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha1").hexdigest()
+
+
+PREPROCESSING_KEYS = ("grid_shape", "label_mode", "labels", "band_size", "clip_range", "normalize")
+
+
 def _cache_key(case: layouts.Case, config: ml_collections.ConfigDict) -> str:
-    files = [p for p in case.image_paths + ((case.label_path,) if case.label_path else ())]
-    stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    """Hash of the case's file contents and of every setting that changes the cached arrays."""
+    files = list(case.image_paths) + ([case.label_path] if case.label_path else [])
     settings = {
         "version": CACHE_VERSION,
-        "grid": list(config.data.grid_shape),
-        "label_mode": config.data.label_mode,
-        "band": config.data.band_size,
-        "files": stats,
+        "data": {k: config.data.get(k) for k in PREPROCESSING_KEYS},
+        "resample": bool(config.data.get("resample", False)),
+        "files": [_file_digest(p) for p in files],
     }
     return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _read_case(case: layouts.Case, config: ml_collections.ConfigDict) -> dict:
-    """Reads and preprocesses one case from NIfTI; errors name the file."""
+def _check_affine(
+    path: pathlib.Path, affine: np.ndarray, reference: pathlib.Path, ref_affine
+) -> None:
+    if not np.allclose(affine, ref_affine, atol=AFFINE_TOLERANCE_MM, rtol=0):
+        worst = float(np.abs(affine - ref_affine).max())
+        raise nifti.DataError(
+            f"{path}: affine differs from {reference.name}'s by up to {worst:.4g} mm; image and "
+            "label files of a case must share one voxel grid"
+        )
+
+
+def read_image(case: layouts.Case, num_channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """The case's image (x, y, z, C) float32 in file voxel order and its affine; DataError names the file."""
     channels, affine = [], None
     for path in case.image_paths:
         data, aff = nifti.load_nifti(path)
-        if data.ndim != 3:
-            raise nifti.DataError(f"{path}: expected a 3D image, got shape {data.shape}")
-        if channels and data.shape != channels[0].shape:
+        if data.ndim == 4:
+            parts = [data[..., c] for c in range(data.shape[-1])]
+        elif data.ndim == 3:
+            parts = [data]
+        else:
+            raise nifti.DataError(f"{path}: expected a 3D or 4D image, got shape {data.shape}")
+        if channels and parts[0].shape != channels[0].shape:
             raise nifti.DataError(
-                f"{path}: shape {data.shape} differs from {case.image_paths[0]} {channels[0].shape}"
+                f"{path}: shape {parts[0].shape} differs from {case.image_paths[0].name} "
+                f"{channels[0].shape}"
             )
-        channels.append(data)
-        affine = aff if affine is None else affine
-    image = np.stack(channels, axis=-1)
-    if image.shape[-1] != config.data.num_channels:
+        if affine is None:
+            affine = aff
+        else:
+            _check_affine(path, aff, case.image_paths[0], affine)
+        channels.extend(np.asarray(p, np.float32) for p in parts)
+    if len(channels) != num_channels:
         raise nifti.DataError(
-            f"case {case.id}: {image.shape[-1]} channels, config expects "
-            f"data.num_channels = {config.data.num_channels}"
+            f"{case.image_paths[0]}: case {case.id} has {len(channels)} channels, the config expects "
+            f"data.num_channels = {num_channels}"
         )
-    grid = tuple(config.data.grid_shape)
-    try:
-        offsets = preprocess.centre_offsets(image.shape[:3], grid)
-    except ValueError as err:
-        raise nifti.DataError(f"{case.image_paths[0]}: {err}") from err
+    return np.stack(channels, axis=-1), affine
+
+
+def read_label(case: layouts.Case, shape: tuple, affine: np.ndarray, values) -> np.ndarray:
+    """The case's label as class indices (x, y, z) uint8 in file voxel order; checked against the image."""
+    label, label_affine = nifti.load_nifti(case.label_path)
+    if label.shape != tuple(shape):
+        raise nifti.DataError(
+            f"{case.label_path}: label shape {label.shape} differs from image shape {tuple(shape)} "
+            f"of {case.image_paths[0].name}"
+        )
+    _check_affine(case.label_path, label_affine, case.image_paths[0], affine)
+    return labels.to_index(label, tuple(values), case.label_path)
+
+
+def _read_case(case: layouts.Case, config: ml_collections.ConfigDict) -> dict:
+    """Reads and preprocesses one case from NIfTI; errors name the file."""
+    d = config.data
+    spec = labels.label_spec(d)
+    image, affine = read_image(case, d.num_channels)
+    file_shape = image.shape[:3]
+    index = None
+    if case.label_path is not None:
+        index = read_label(case, file_shape, affine, spec.values)
+    image, canonical_affine, ornt = preprocess.to_canonical(image, affine)
+    image = preprocess.normalize(
+        image, tuple(d.get("clip_range", ())), d.get("normalize", "nonzero") == "nonzero"
+    )
+    grid = tuple(d.grid_shape)
+    resample = bool(d.get("resample", False))
+    if resample:
+        offsets = (0, 0, 0)
+        fitted = preprocess.resize(image, grid, order=1).astype(np.float32)
+    else:
+        try:
+            offsets = preprocess.centre_offsets(image.shape[:3], grid)
+        except ValueError as err:
+            raise nifti.DataError(
+                f"{case.image_paths[0]}: {err} (after reorientation to RAS); enlarge "
+                "data.grid_shape or set data.resample=True"
+            ) from err
+        fitted = preprocess.pad_to_grid(image, grid, offsets)
     out = {
-        "image": preprocess.pad_to_grid(preprocess.zscore(image), grid, offsets),
+        "image": fitted,
         "meta": {
+            "id": case.id,
             "affine": np.asarray(affine).tolist(),
+            "file_shape": list(file_shape),
+            "ornt": ornt,
             "shape": list(image.shape[:3]),
             "offsets": list(offsets),
-            "id": case.id,
+            "resampled": resample,
+            "spacing": list(nifti.voxel_spacing(canonical_affine)),
         },
     }
-    if case.label_path is not None:
-        label, _ = nifti.load_nifti(case.label_path)
-        if label.shape != image.shape[:3]:
-            raise nifti.DataError(
-                f"{case.label_path}: label shape {label.shape} differs from image shape "
-                f"{image.shape[:3]}"
-            )
-        target = preprocess.pad_to_grid(preprocess.binary_target(label), grid, offsets)
+    if index is not None:
+        index = preprocess.to_canonical(index, affine)[0]
+        if resample:
+            target = preprocess.resize(index, grid, order=0)
+            out["label"] = index
+        else:
+            target = preprocess.pad_to_grid(index, grid, offsets)
         out["target"] = target
-        out["band"] = preprocess.border_band(target, config.data.band_size)
+        out["band"] = preprocess.label_band(target, d.band_size, spec.mode != "binary")
     return out
 
 
@@ -143,7 +283,7 @@ def _write_cached(folder: pathlib.Path, arrays: dict) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        for name in ("image", "target", "band"):
+        for name in ("image", "target", "band", "label"):
             if name in arrays:
                 np.save(tmp / f"{name}.npy", arrays[name])
         (tmp / "meta.json").write_text(json.dumps(arrays["meta"]))
@@ -169,20 +309,44 @@ def _load_cached(folder: pathlib.Path) -> PreparedCase:
         target=load("target"),
         band=load("band"),
         affine=np.asarray(meta["affine"]),
+        file_shape=tuple(meta["file_shape"]),
+        ornt=tuple(tuple(row) for row in meta["ornt"]),
         shape=tuple(meta["shape"]),
         offsets=tuple(meta["offsets"]),
+        resampled=bool(meta["resampled"]),
+        spacing=tuple(meta["spacing"]),
+        label=load("label"),
     )
 
 
 def prepare_cases(
     cases: list[layouts.Case], config: ml_collections.ConfigDict, cache_dir: pathlib.Path
 ) -> list[PreparedCase]:
-    """Preprocessed cases, built into `cache_dir` on first use (with a progress bar) and mmapped after."""
-    folders = [cache_dir / f"{c.id}-{_cache_key(c, config)}" for c in cases]
-    missing = [(c, f) for c, f in zip(cases, folders) if not (f / "meta.json").exists()]
-    for case, folder in tqdm(missing, desc="preprocessing", disable=not missing):
-        _write_cached(folder, _read_case(case, config))
-    return [_load_cached(f) for f in folders]
+    """Preprocessed cases, built into `cache_dir` on first use (with a progress bar) and mmapped after.
+
+    Every case is tried before failing: one DataError lists the problem of each bad case (file and
+    what is wrong), so a dataset is fixed in one pass; nothing is cached for the bad cases.
+    """
+    problems = []
+    folders = {}
+    for c in tqdm(cases, desc="hashing", disable=len(cases) < 50, leave=False):
+        try:
+            folders[c.id] = cache_dir / f"{c.id}-{_cache_key(c, config)}"
+        except OSError as err:
+            problems.append(f"{err.filename}: cannot be read ({err.strerror})")
+    missing = [c for c in cases if c.id in folders and not (folders[c.id] / "meta.json").exists()]
+    for case in tqdm(missing, desc="preprocessing", disable=not missing):
+        try:
+            arrays = _read_case(case, config)
+        except nifti.DataError as err:
+            problems.append(str(err))
+            continue
+        _write_cached(folders[case.id], arrays)
+    if problems:
+        raise nifti.DataError(
+            f"{len(problems)} of {len(cases)} cases cannot be used:\n  " + "\n  ".join(problems)
+        )
+    return [_load_cached(folders[c.id]) for c in cases]
 
 
 def cache_dir_for(config: ml_collections.ConfigDict) -> pathlib.Path:
@@ -193,17 +357,21 @@ def cache_dir_for(config: ml_collections.ConfigDict) -> pathlib.Path:
 
 
 def load_split(config: ml_collections.ConfigDict) -> tuple[list[PreparedCase], list[PreparedCase]]:
-    """(train, validation) preprocessed cases of the configured dataset."""
+    """(train, validation) preprocessed cases: data.split_file if set, else a data.seed split."""
     cases = find_cases(config)
-    train_ids, val_ids = split_ids(
-        [c.id for c in cases], config.data.val_fraction, config.data.seed
-    )
+    ids = [c.id for c in cases]
+    if config.data.get("split_file"):
+        train_ids, val_ids = read_split_file(config.data.split_file, ids)
+    else:
+        train_ids, val_ids = split_ids(ids, config.data.val_fraction, config.data.seed)
     by_id = {c.id: c for c in cases}
     chosen = [by_id[i] for i in train_ids + val_ids]
-    prepared = {p.id: p for p in prepare_cases(chosen, config, cache_dir_for(config))}
-    unlabeled = [i for i in train_ids if prepared[i].target is None]
+    unlabeled = [c.image_paths[0].name for c in chosen[: len(train_ids)] if c.label_path is None]
     if unlabeled:
-        raise nifti.DataError(f"training cases without a label file: {', '.join(unlabeled[:5])}")
+        raise nifti.DataError(
+            f"{config.data.root}: training cases without a label file: {', '.join(unlabeled[:5])}"
+        )
+    prepared = {p.id: p for p in prepare_cases(chosen, config, cache_dir_for(config))}
     return [prepared[i] for i in train_ids], [prepared[i] for i in val_ids]
 
 

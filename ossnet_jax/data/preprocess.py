@@ -1,7 +1,73 @@
-"""Per-case preprocessing on the host (numpy): normalisation, padding to the grid, targets, border band."""
+"""Per-case preprocessing on the host (numpy): orientation, normalisation, grid fitting, border band."""
 
+from typing import Sequence
+
+import nibabel as nib
 import numpy as np
 from scipy import ndimage
+
+CANONICAL = "RAS"  # array axes point to the patient's Right, Anterior, Superior after reorientation
+
+
+def to_canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, list]:
+    """Reorders/flips the first three axes of `array` so they are closest to RAS.
+
+    Args:
+      array: (X, Y, Z, ...) in the file's voxel order.
+      affine: (4, 4) voxel-to-world of the file.
+    Returns:
+      (array in RAS voxel order, its (4, 4) affine, the orientation transform as a list of
+      [axis, flip] rows, to undo with `from_canonical`).
+    """
+    ornt = nib.orientations.io_orientation(affine)
+    out = nib.orientations.apply_orientation(array, ornt)
+    new_affine = affine @ nib.orientations.inv_ornt_aff(ornt, array.shape[:3])
+    return np.ascontiguousarray(out), new_affine, ornt.tolist()
+
+
+def from_canonical(array: np.ndarray, ornt: Sequence[Sequence[float]]) -> np.ndarray:
+    """Undoes `to_canonical` on (X, Y, Z, ...) arrays: back to the file's voxel order."""
+    forward = np.asarray(ornt, dtype=np.float64)
+    inverse = np.empty_like(forward)
+    for axis, (target, flip) in enumerate(forward):
+        inverse[int(target)] = (axis, flip)
+    return np.ascontiguousarray(nib.orientations.apply_orientation(array, inverse))
+
+
+def axis_codes(affine: np.ndarray) -> str:
+    """Orientation of a file's voxel axes as three letters, e.g. 'LPS' for BraTS, 'RAS' canonical."""
+    return "".join(nib.orientations.aff2axcodes(affine))
+
+
+def normalize(
+    image: np.ndarray, clip: Sequence[float] = (), nonzero_only: bool = True
+) -> np.ndarray:
+    """Clips (X, Y, Z, C) to `clip` = (low, high) if given (CT in HU), then z-scores each channel.
+
+    nonzero_only (MRI): statistics over non-zero voxels, background stays 0; else over all voxels (CT).
+    """
+    if len(clip):
+        image = np.clip(image, clip[0], clip[1])
+    if nonzero_only:
+        return zscore(image)
+    out = np.empty(image.shape, np.float32)
+    for c in range(image.shape[-1]):
+        channel = image[..., c].astype(np.float64)
+        std = channel.std()
+        out[..., c] = (channel - channel.mean()) / (std if std > 0 else 1.0)
+    return out
+
+
+def resize(array: np.ndarray, shape: Sequence[int], order: int) -> np.ndarray:
+    """Resamples the first three axes of `array` to `shape`: order 1 trilinear (images), 0 nearest (labels).
+
+    Voxel edges are aligned (grid_mode), so resizing there and back keeps a structure in place.
+    """
+    factors = [s / n for s, n in zip(shape, array.shape[:3])] + [1.0] * (array.ndim - 3)
+    out = ndimage.zoom(array, factors, order=order, mode="grid-constant", grid_mode=True)
+    if out.shape[:3] != tuple(shape):
+        raise AssertionError(f"resize produced {out.shape[:3]} instead of {tuple(shape)}")
+    return out
 
 
 def zscore(image: np.ndarray) -> np.ndarray:
@@ -43,11 +109,6 @@ def crop_from_grid(
     return array[tuple(slice(o, o + s) for o, s in zip(offsets, shape))]
 
 
-def binary_target(label: np.ndarray) -> np.ndarray:
-    """Foreground = label > 0 (BraTS whole tumour, LiTS liver) as uint8 0/1."""
-    return (label > 0).astype(np.uint8)
-
-
 def border_band(target: np.ndarray, size: int) -> np.ndarray:
     """Voxels near the label's boundary: Sobel gradient magnitude > 0, dilated by a size^3 max-pool.
 
@@ -60,3 +121,14 @@ def border_band(target: np.ndarray, size: int) -> np.ndarray:
     t = target.astype(np.float32)
     magnitude = sum(np.square(ndimage.sobel(t, axis=a, mode="constant")) for a in range(3))
     return ndimage.maximum_filter(magnitude > 0, size=size, mode="constant", cval=False)
+
+
+def label_band(index: np.ndarray, size: int, by_class: bool) -> np.ndarray:
+    """Border band of a class-index map (X, Y, Z): of the foreground, or of every class (multi-label)."""
+    if not by_class:
+        return border_band(index > 0, size)
+    band = np.zeros(index.shape, bool)
+    for c in np.unique(index):
+        if c:
+            band |= border_band(index == c, size)
+    return band

@@ -49,7 +49,8 @@ class Encoder(nn.Module):
       kind: 'plain' (K = 1) or 'skip' (K = num_latents).
       channels: output channels of each residual block; each block halves every axis.
       num_latents: K for the skip encoder (decoder blocks + 1).
-      seg_head: also return the conv5^3 segmentation logits (B, sx, sy, sz) of the last block.
+      seg_head: also return the conv5^3 segmentation logits of the last block: (B, sx, sy, sz) for
+        one channel, (B, sx, sy, sz, seg_channels) for several.
     """
 
     kind: str = "skip"
@@ -58,6 +59,7 @@ class Encoder(nn.Module):
     seg_head: bool = True
     activation: str = "pau"
     dropout: float = 0.0
+    seg_channels: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, Optional[jax.Array]]:
@@ -84,5 +86,7 @@ class Encoder(nn.Module):
         latents = jnp.moveaxis(z, -1, 1).reshape(batch, k, -1)
         seg = None
         if self.seg_head:
-            seg = nn.Conv(1, (5, 5, 5), name="seg_head")(x)[..., 0]
+            seg = nn.Conv(self.seg_channels, (5, 5, 5), name="seg_head")(x)
+            if self.seg_channels == 1:
+                seg = seg[..., 0]
         return latents, seg

@@ -1,7 +1,8 @@
 """OSS-Net (and O-Net as its patch-free special case): encode once, decode many locations.
 
 Shapes: full-resolution volume (B, X, Y, Z, C) on the padded grid; encoder input (B, X/d, Y/d, Z/d, C)
-with d = data.downscale; locations (B, N, 3) integer voxel indices; logits (B, N).
+with d = data.downscale; locations (B, N, 3) integer voxel indices; logits (B, N) for one output
+(binary), (B, N, O) for several (multi-class, regions; see data/labels.py).
 """
 
 from typing import Optional, Sequence
@@ -11,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from ossnet_jax.data.labels import label_spec
 from ossnet_jax.models.decoder import Decoder, decoder_inputs
 from ossnet_jax.models.encoder import Encoder
 from ossnet_jax.models.patches import (
@@ -39,6 +41,8 @@ class OSSNet(nn.Module):
     fourier_features: int = 0
     fourier_scale: float = 4.0
     location_encoding: str = "normalized"
+    num_outputs: int = 1
+    seg_channels: int = 1
 
     def setup(self):
         self.encoder_net = Encoder(
@@ -48,11 +52,12 @@ class OSSNet(nn.Module):
             self.seg_head,
             self.activation,
             self.dropout,
+            self.seg_channels,
         )
         if self.patches:
             self.patch_net = PatchEncoder(self.patch_size, self.activation, self.dropout)
         self.decoder_net = Decoder(
-            self.decoder_width, self.decoder_blocks, 1, self.activation, self.dropout
+            self.decoder_width, self.decoder_blocks, self.num_outputs, self.activation, self.dropout
         )
 
     def encode(self, volume_low: jax.Array, train: bool) -> tuple[jax.Array, Optional[jax.Array]]:
@@ -62,7 +67,7 @@ class OSSNet(nn.Module):
     def decode(
         self, locations: jax.Array, patches: Optional[jax.Array], latents: jax.Array, train: bool
     ) -> jax.Array:
-        """Occupancy logits (B, N) for locations (B, N, 3), patches (B, N, S, S, S, Cp), latents (B, K, L)."""
+        """Logits (B, N[, O]) for locations (B, N, 3), patches (B, N, S, S, S, Cp), latents (B, K, L)."""
         features = None
         if self.patches:
             features = self.patch_net(patches, train)
@@ -74,7 +79,8 @@ class OSSNet(nn.Module):
         inputs = decoder_inputs(
             locations, self.grid_shape, features, latents[:, 0], self.location_encoding, fourier
         )
-        return self.decoder_net(inputs, latents, train)[..., 0]
+        logits = self.decoder_net(inputs, latents, train)
+        return logits[..., 0] if self.num_outputs == 1 else logits
 
     def __call__(
         self, volume_low: jax.Array, locations: jax.Array, patches: Optional[jax.Array], train: bool
@@ -84,7 +90,7 @@ class OSSNet(nn.Module):
 
 
 def build_model(config: ml_collections.ConfigDict) -> OSSNet:
-    """The model described by config.model for the grid config.data.grid_shape."""
+    """The model described by config.model for the grid and label mode of config.data."""
     m = config.model
     if m.name != "oss_net":
         raise ValueError(f"model.name {m.name!r} is not an occupancy network model")
@@ -92,8 +98,11 @@ def build_model(config: ml_collections.ConfigDict) -> OSSNet:
         raise ValueError(
             f"model.patch_size must be odd (the patch encoder's 'same' kernels), got {m.patch_size}"
         )
+    spec = label_spec(config.data)
     return OSSNet(
         grid_shape=tuple(config.data.grid_shape),
+        num_outputs=spec.num_outputs,
+        seg_channels=spec.num_channels,
         encoder=m.encoder,
         encoder_channels=tuple(m.encoder_channels),
         decoder_width=m.decoder_width,
