@@ -13,7 +13,7 @@ import functools
 import json
 import pathlib
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -88,24 +88,44 @@ class Predictor:
         self.decode_all(latents, source, np.zeros((1, 3), np.int32))
 
     def predict(self, image: np.ndarray) -> tuple[np.ndarray, int]:
-        """Label map (X, Y, Z) int32 in label values on the padded grid, and the decoder evaluations.
-
-        The refinement follows the foreground score of LabelSpec.decide (any output that changes), so
-        every voxel next to predicted foreground is evaluated; voxels never evaluated are background.
-        """
+        """Label map (X, Y, Z) int32 in label values on the padded grid, and the decoder evaluations."""
         ev = self.config.eval
         latents, seg_prob, source = self.encode(self.variables, jnp.asarray(image))
         seed = None
         if ev.seeded and seg_prob is not None:
             seed = seed_from_segmentation(np.asarray(seg_prob), image.shape[:3], ev.threshold)
-        refinement = BandRefinement(image.shape[:3], tuple(ev.strides), ev.threshold, seed)
-        values = np.zeros(image.shape[:3], np.int32)
-        while not refinement.done:
-            query = refinement.query()
-            score, value = self.spec.decide(self.decode_all(latents, source, query), ev.threshold)
-            values[tuple(query.T)] = value
-            refinement.update(score)
-        return np.where(refinement.to_dense(), values, 0), refinement.num_evaluated
+        return refine_labels(
+            lambda query: self.decode_all(latents, source, query),
+            self.spec,
+            image.shape[:3],
+            tuple(ev.strides),
+            ev.threshold,
+            seed,
+        )
+
+
+def refine_labels(
+    decode: Callable[[np.ndarray], np.ndarray],
+    spec: labels.LabelSpec,
+    grid_shape: tuple[int, int, int],
+    strides: tuple[int, ...],
+    threshold: float,
+    seed: Optional[np.ndarray] = None,
+) -> tuple[np.ndarray, int]:
+    """Band refinement of a label map: (X, Y, Z) int32 label values and the number of evaluations.
+
+    `decode` maps (M, 3) int32 locations to probabilities (M[, O]). The refinement follows the
+    foreground score of `spec.decide` (any output that changes), so every voxel next to predicted
+    foreground is evaluated; voxels never evaluated are background.
+    """
+    refinement = BandRefinement(grid_shape, strides, threshold, seed)
+    values = np.zeros(grid_shape, np.int32)
+    while not refinement.done:
+        query = refinement.query()
+        score, value = spec.decide(decode(query), threshold)
+        values[tuple(query.T)] = value
+        refinement.update(score)
+    return np.where(refinement.to_dense(), values, 0), refinement.num_evaluated
 
 
 def restore_predictor(

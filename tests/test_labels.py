@@ -106,3 +106,34 @@ def test_empty_prediction_and_empty_label_score_one():
     empty = np.zeros((3, 3, 3), np.uint8)
     row = evaluation.score(spec_for("binary"), empty, empty)
     assert row == {"dice": 1.0, "iou": 1.0}
+
+
+def _nested_spheres(locations: np.ndarray, radii=(8.0, 5.0, 3.0), centre=(11.0, 12.0, 9.0)):
+    """(M, 3) region memberships of three nested balls (a sharp analytic stand-in for the decoder)."""
+    distance = np.linalg.norm(locations - np.asarray(centre), axis=-1)
+    return np.stack([distance <= r for r in radii], axis=-1)
+
+
+@pytest.mark.parametrize("mode", labels.MODES)
+def test_refinement_of_every_mode_equals_dense_evaluation(mode):
+    spec = spec_for(mode)
+    grid = (24, 22, 18)
+
+    def decode(locations):
+        inside = _nested_spheres(locations.astype(np.float64))
+        if mode == "binary":
+            return np.where(inside[:, 0], 0.9, 0.1)
+        if mode == "brats_regions":
+            return np.where(inside, 0.8, 0.2)
+        # multiclass over (0, 1, 2, 4): oedema shell, necrotic core ring, enhancing centre
+        winner = np.select([inside[:, 2], inside[:, 1], inside[:, 0]], [3, 1, 2], 0)
+        probs = np.full((len(locations), 4), 0.1)
+        probs[np.arange(len(locations)), winner] = 0.7
+        return probs
+
+    everything = np.argwhere(np.ones(grid, bool)).astype(np.int32)
+    dense = spec.decide(decode(everything), 0.5)[1].reshape(grid)
+    refined, evaluations = evaluation.refine_labels(decode, spec, grid, (4, 2, 1), 0.5)
+    np.testing.assert_array_equal(refined, dense)
+    assert set(np.unique(refined)) == ({0, 1} if mode == "binary" else {0, 1, 2, 4})
+    assert evaluations < 0.5 * np.prod(grid)
