@@ -87,8 +87,12 @@ def get_base_config(preset: str = "brats") -> ml_collections.ConfigDict:
 
     config.eval = ev = ml_collections.ConfigDict()
     ev.threshold = 0.5
-    ev.strides = (4, 2, 1)
-    ev.seeded = True
+    ev.strategy = "band"  # 'dense' (every voxel) | 'band' (official 4-2-1) | 'octree' (surface)
+    ev.strides = (4, 2, 1)  # 'band' strides
+    ev.seeded = True  # start from the encoder's segmentation ('band', 'octree')
+    ev.octree_stride = 8  # 'octree': coarse lattice stride, a power of two
+    ev.octree_margin = 1  # 'octree': also evaluate this many lattice steps around disagreements
+    ev.compare_dense = False  # also run 'dense' and report each case's voxel disagreement
     ev.batch_points = 2**15
 
     if preset == "lits":

@@ -19,9 +19,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from scipy import ndimage
 
 from ossnet_jax import checkpointing, files, metrics, train_state
 from ossnet_jax.data import dataset, labels, nifti
+from ossnet_jax.inference.mise import OctreeRefinement
 from ossnet_jax.inference.octree import BandRefinement, seed_from_segmentation
 from ossnet_jax.models.oss_net import OSSNet, build_model, downscale, observe, patch_source
 
@@ -89,40 +91,60 @@ class Predictor:
 
     def predict(self, image: np.ndarray) -> tuple[np.ndarray, int]:
         """Label map (X, Y, Z) int32 in label values on the padded grid, and the decoder evaluations."""
-        ev = self.config.eval
         latents, seg_prob, source = self.encode(self.variables, jnp.asarray(image))
-        seed = None
-        if ev.seeded and seg_prob is not None:
-            seed = seed_from_segmentation(np.asarray(seg_prob), image.shape[:3], ev.threshold)
-        return refine_labels(
+        return extract(
             lambda query: self.decode_all(latents, source, query),
             self.spec,
             image.shape[:3],
-            tuple(ev.strides),
-            ev.threshold,
-            seed,
+            self.config.eval,
+            None if seg_prob is None else np.asarray(seg_prob),
         )
 
 
-def refine_labels(
+STRATEGIES = ("dense", "band", "octree")
+
+
+def extract(
     decode: Callable[[np.ndarray], np.ndarray],
     spec: labels.LabelSpec,
     grid_shape: tuple[int, int, int],
-    strides: tuple[int, ...],
-    threshold: float,
-    seed: Optional[np.ndarray] = None,
+    ev: ml_collections.ConfigDict,
+    seg_prob: Optional[np.ndarray] = None,
 ) -> tuple[np.ndarray, int]:
-    """Band refinement of a label map: (X, Y, Z) int32 label values and the number of evaluations.
+    """Dense label map (X, Y, Z) int32 in label values by eval.strategy, and the decoder evaluations.
 
-    `decode` maps (M, 3) int32 locations to probabilities (M[, O]). The refinement follows the
-    foreground score of `spec.decide` (any output that changes), so every voxel next to predicted
-    foreground is evaluated; voxels never evaluated are background.
+    `decode` maps (M, 3) int32 locations to probabilities (M[, O]); `seg_prob` (sx, sy, sz) is the
+    encoder's segmentation (any channel), used when eval.seeded.
+      'dense'  every voxel (the reference).
+      'band'   the official stride 4-2-1 refinement (inference/octree.py): follows the foreground score
+               of LabelSpec.decide, evaluating every voxel next to predicted foreground; seeded, the
+               first stage only visits voxels the encoder marks.
+      'octree' multiresolution surface extraction (inference/mise.py) on the label values: refines where
+               any output changes, fills agreeing elements without evaluating them; seeded, its coarse
+               lattice only covers the encoder's segmentation dilated by one coarse step.
     """
-    refinement = BandRefinement(grid_shape, strides, threshold, seed)
+    if ev.strategy not in STRATEGIES:
+        raise ValueError(f"eval.strategy must be one of {STRATEGIES}, got {ev.strategy!r}")
+    seed = None
+    if ev.seeded and seg_prob is not None:
+        seed = seed_from_segmentation(np.asarray(seg_prob), grid_shape, ev.threshold)
+    if ev.strategy == "dense":
+        everything = np.argwhere(np.ones(grid_shape, bool)).astype(np.int32)
+        return spec.decide(decode(everything), ev.threshold)[1].reshape(grid_shape), len(everything)
+    if ev.strategy == "octree":
+        stride = ev.get("octree_stride", 8)
+        region = None
+        if seed is not None:
+            region = ndimage.maximum_filter(seed, size=2 * stride + 1, mode="constant")
+        octree = OctreeRefinement(grid_shape, stride, ev.get("octree_margin", 1), region=region)
+        while not octree.done:
+            octree.update(spec.decide(decode(octree.query()), ev.threshold)[1])
+        return octree.to_labels(), octree.num_evaluated
+    refinement = BandRefinement(grid_shape, tuple(ev.strides), ev.threshold, seed)
     values = np.zeros(grid_shape, np.int32)
     while not refinement.done:
         query = refinement.query()
-        score, value = spec.decide(decode(query), threshold)
+        score, value = spec.decide(decode(query), ev.threshold)
         values[tuple(query.T)] = value
         refinement.update(score)
     return np.where(refinement.to_dense(), values, 0), refinement.num_evaluated

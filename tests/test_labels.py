@@ -115,7 +115,7 @@ def _nested_spheres(locations: np.ndarray, radii=(8.0, 5.0, 3.0), centre=(11.0, 
 
 
 @pytest.mark.parametrize("mode", labels.MODES)
-def test_refinement_of_every_mode_equals_dense_evaluation(mode):
+def test_every_strategy_in_every_mode_equals_dense_evaluation(mode):
     spec = spec_for(mode)
     grid = (24, 22, 18)
 
@@ -133,7 +133,10 @@ def test_refinement_of_every_mode_equals_dense_evaluation(mode):
 
     everything = np.argwhere(np.ones(grid, bool)).astype(np.int32)
     dense = spec.decide(decode(everything), 0.5)[1].reshape(grid)
-    refined, evaluations = evaluation.refine_labels(decode, spec, grid, (4, 2, 1), 0.5)
-    np.testing.assert_array_equal(refined, dense)
-    assert set(np.unique(refined)) == ({0, 1} if mode == "binary" else {0, 1, 2, 4})
-    assert evaluations < 0.5 * np.prod(grid)
+    ev = base.get_base_config("small").eval
+    for strategy in evaluation.STRATEGIES:
+        ev.strategy = strategy
+        refined, evaluations = evaluation.extract(decode, spec, grid, ev)
+        np.testing.assert_array_equal(refined, dense, err_msg=strategy)
+        assert set(np.unique(refined)) == ({0, 1} if mode == "binary" else {0, 1, 2, 4})
+        assert evaluations < (1 if strategy == "dense" else 0.5) * np.prod(grid) + 1
