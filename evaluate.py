@@ -1,8 +1,13 @@
-"""Evaluates the best checkpoint of a training workdir densely on its validation cases.
+"""Evaluates the best checkpoint of a training workdir densely, on its validation cases or another dataset.
 
   python evaluate.py --workdir runs/demo
-Writes WORKDIR/eval/metrics.json and WORKDIR/eval/predictions/<case>.nii.gz.
+  python evaluate.py --workdir runs/demo --data.root data/MICCAI_BraTS2020_ValidationData
+Writes WORKDIR/eval/metrics.json and WORKDIR/eval/predictions/<case>.nii.gz; with --data.root, every
+case of that dataset is predicted into WORKDIR/eval/<folder name>/ (labels optional: cases without a
+label get a prediction and no metrics).
 """
+
+import pathlib
 
 from absl import app, flags, logging
 
@@ -10,6 +15,11 @@ from ossnet_jax import evaluation
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A directory written by train.py.")
+flags.DEFINE_string(
+    "data.root", "", "Predict every case of this dataset instead of the validation split."
+)
+flags.DEFINE_string("data.format", "", "Format of --data.root if it differs from training's.")
+flags.DEFINE_string("data.subset", "", "MSD: 'training' or 'test' (imagesTs) for --data.root.")
 flags.mark_flag_as_required("workdir")
 
 
@@ -17,7 +27,14 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     config = evaluation.load_config(FLAGS.workdir)
-    result = evaluation.evaluate(config, FLAGS.workdir)
+    cases, out_dir = None, None
+    root = FLAGS["data.root"].value
+    if root:
+        config, cases = evaluation.dataset_cases(
+            config, root, FLAGS["data.format"].value, FLAGS["data.subset"].value
+        )
+        out_dir = pathlib.Path(FLAGS.workdir) / "eval" / pathlib.Path(root).resolve().name
+    result = evaluation.evaluate(config, FLAGS.workdir, cases, out_dir)
     for case in result["cases"]:
         scores = f"Dice {case['dice']:.4f} IoU {case['iou']:.4f} " if "dice" in case else ""
         print(
@@ -28,6 +45,7 @@ def main(argv):
             f"mean Dice {result['mean']['dice']:.4f} IoU {result['mean']['iou']:.4f} "
             f"(checkpoint step {result['step']})"
         )
+    print(f"written to {out_dir or pathlib.Path(FLAGS.workdir) / 'eval'}")
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 
 Writes WORKDIR/eval/metrics.json
   {"step", "mean": {"dice", "iou"[, "regions"|"classes"]},
-   "cases": [{"id", "dice", "iou", "decoder_points", "seconds"[, "regions"|"classes"]}]}
+   "cases": [{"id", "dice", "iou", "decoder_points", "seconds"[, "regions"|"classes"]
+              [, "disagreement"]}]}
 where "regions" (label_mode 'brats_regions') or "classes" ('multiclass') maps each region or class name
-to {"dice", "iou"} and the top-level dice/iou are their mean; and WORKDIR/eval/predictions/<id>.nii.gz:
+to {"dice", "iou"} and the top-level dice/iou are their mean; "disagreement" (eval.compare_dense) is the
+fraction of grid voxels whose label differs from evaluating every voxel; and WORKDIR/eval/predictions/<id>.nii.gz:
 a label map in label values (binary: 0/1; BraTS regions: 0/1/2/4) with the input file's shape, affine
 and voxel order, so it opens aligned on the image in ITK-SNAP or 3D Slicer.
 """
@@ -89,14 +91,19 @@ class Predictor:
         latents, _, source = self.encode(self.variables, jnp.asarray(image))
         self.decode_all(latents, source, np.zeros((1, 3), np.int32))
 
-    def predict(self, image: np.ndarray) -> tuple[np.ndarray, int]:
-        """Label map (X, Y, Z) int32 in label values on the padded grid, and the decoder evaluations."""
+    def predict(
+        self, image: np.ndarray, ev: Optional[ml_collections.ConfigDict] = None
+    ) -> tuple[np.ndarray, int]:
+        """Label map (X, Y, Z) int32 in label values on the padded grid, and the decoder evaluations.
+
+        `ev` overrides config.eval (strategy, seeding, ...) for this call.
+        """
         latents, seg_prob, source = self.encode(self.variables, jnp.asarray(image))
         return extract(
             lambda query: self.decode_all(latents, source, query),
             self.spec,
             image.shape[:3],
-            self.config.eval,
+            self.config.eval if ev is None else ev,
             None if seg_prob is None else np.asarray(seg_prob),
         )
 
@@ -199,18 +206,39 @@ def _mean(rows: list[dict]) -> dict:
     return out
 
 
+def dataset_cases(
+    config: ml_collections.ConfigDict, root: str, fmt: str = "", subset: str = ""
+) -> tuple[ml_collections.ConfigDict, list[dataset.PreparedCase]]:
+    """Every case of another dataset (labels optional), preprocessed like the training data.
+
+    Returns the config with data.root (and data.format / data.subset if given) replaced, and the cases.
+    """
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.data.root = root
+    config.data.format = fmt or config.data.format
+    config.data.subset = subset or config.data.get("subset", "training")
+    config.data.cache_dir = ""
+    cases = dataset.find_cases(config)
+    return config, dataset.prepare_cases(cases, config, dataset.cache_dir_for(config))
+
+
 def evaluate(
     config: ml_collections.ConfigDict,
     workdir: str | pathlib.Path,
     cases: Optional[list[dataset.PreparedCase]] = None,
+    out_dir: Optional[str | pathlib.Path] = None,
 ) -> dict:
-    """Predicts every case (default: the validation split), writes metrics.json and NIfTI predictions."""
+    """Predicts every case (default: the validation split) into `out_dir` (default WORKDIR/eval).
+
+    Writes predictions/<id>.nii.gz for every case and metrics.json; cases without a label get a
+    prediction and a row without metrics, and "mean" is only written when some case has a label.
+    """
     workdir = pathlib.Path(workdir)
     if cases is None:
         _, cases = dataset.load_split(config)
     predictor, step = restore_predictor(config, workdir)
     spec = predictor.spec
-    out_dir = workdir / "eval"
+    out_dir = workdir / "eval" if out_dir is None else pathlib.Path(out_dir)
     rows = []
     if cases:
         predictor.compile(np.asarray(cases[0].image))  # keep compilation out of the timings
@@ -221,12 +249,17 @@ def evaluate(
         pred = case.to_file_geometry(grid_pred).astype(_label_dtype(spec.values))
         nifti.save_nifti(out_dir / "predictions" / f"{case.id}.nii.gz", pred, case.affine)
         row = {"id": case.id, "decoder_points": int(evaluations), "seconds": round(seconds, 3)}
+        if config.eval.get("compare_dense", False) and config.eval.strategy != "dense":
+            ev = ml_collections.ConfigDict(config.eval.to_dict())
+            ev.strategy = "dense"
+            reference, _ = predictor.predict(np.asarray(case.image), ev)
+            row["disagreement"] = float(np.mean(reference != grid_pred))
         target = case.target_in_file_geometry()
         if target is not None:
             row.update(score(spec, pred, np.asarray(spec.values)[target]))
         rows.append(row)
     scored = [
-        {k: v for k, v in r.items() if k not in ("id", "decoder_points", "seconds")}
+        {k: v for k, v in r.items() if k not in ("id", "decoder_points", "seconds", "disagreement")}
         for r in rows
         if "dice" in r
     ]

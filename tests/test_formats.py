@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ossnet_jax import training
+from ossnet_jax import evaluation, training
 from ossnet_jax.data import check, dataset, labels, layouts, nifti
 from tests.conftest import tiny_config
 from tests.dataset_writers import oriented, write_lits, write_msd
@@ -179,6 +179,9 @@ def test_train_and_evaluate_on_each_layout(name, request, tmp_path):
     if regions:
         config.data.region_labels = regions
     config.train.steps = 2
+    if mode == "binary":  # also: the octree strategy, checked against dense evaluation
+        config.eval.strategy = "octree"
+        config.eval.compare_dense = True
     result = training.train_and_evaluate(config, tmp_path / "run")
     spec = labels.label_spec(dataset.resolve_data_config(config).data)
     assert result["cases"] and "mean" in result
@@ -199,10 +202,23 @@ def test_train_and_evaluate_on_each_layout(name, request, tmp_path):
         assert set(np.unique(np.asarray(pred.dataobj))) <= set(
             (0, 1) if mode == "binary" else spec.values
         )
+        if mode == "binary":
+            assert 0.0 <= row["disagreement"] <= 1.0
     if key:
         assert set(result["mean"][key]) == set(spec.names)
     saved = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
     assert saved["mean"] == result["mean"]
+    if config.data.format == "msd":  # unlabelled imagesTs: predictions only, no metrics
+        trained = evaluation.load_config(tmp_path / "run")
+        other, cases = evaluation.dataset_cases(trained, str(root), subset="test")
+        out = tmp_path / "run" / "eval" / "test"
+        unlabelled = evaluation.evaluate(other, tmp_path / "run", cases, out)
+        assert "mean" not in unlabelled and [r["id"] for r in unlabelled["cases"]] == [cases[0].id]
+        assert "dice" not in unlabelled["cases"][0]
+        source = nib.load(root / "imagesTs" / f"{cases[0].id}.nii.gz")
+        pred = nib.load(out / "predictions" / f"{cases[0].id}.nii.gz")
+        assert pred.shape == source.shape[:3]
+        np.testing.assert_allclose(pred.affine, source.affine, atol=1e-5)
 
 
 def test_label_written_non_canonically_overlays_in_world_space(tmp_path):
