@@ -17,7 +17,7 @@ import time
 import ml_collections
 import numpy as np
 
-from ossnet_jax import evaluation, files
+from ossnet_jax import evaluation, files, reporting
 from ossnet_jax.data import dataset
 
 VARIANTS = (
@@ -92,7 +92,7 @@ def main() -> None:
                     "decoder_points": int(evaluations),
                     "seconds": round(seconds, 3),
                     "disagreement": float(np.mean(labels != reference)),
-                    "dice": evaluation.score(spec, labels, target)["dice"],
+                    "dice": reporting.score(spec, labels, target)["dice"],
                 }
             )
             print(

@@ -93,6 +93,11 @@ def get_base_config(preset: str = "brats") -> ml_collections.ConfigDict:
     ev.octree_stride = 8  # 'octree': coarse lattice stride, a power of two
     ev.octree_margin = 1  # 'octree': also evaluate this many lattice steps around disagreements
     ev.compare_dense = False  # also run 'dense' and report each case's voxel disagreement
+    ev.min_component_voxels = 0  # > 0: drop foreground components smaller (official mesh: 12**3)
+    ev.component_connectivity = 6  # 6 (scipy's default, as the official release), 18 or 26
+    ev.surface_tolerance_mm = 1.0  # tolerance of the surface Dice
+    ev.meshes = True  # eval/meshes/<id>_{prediction,label}.{ply,obj} in world mm
+    ev.pictures = True  # eval/pictures/<id>_{slices,mesh}.png and eval/dice.png
     ev.batch_points = 2**15
 
     if preset == "lits":

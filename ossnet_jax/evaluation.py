@@ -6,7 +6,10 @@ Writes WORKDIR/eval/metrics.json
               [, "disagreement"]}]}
 where "regions" (label_mode 'brats_regions') or "classes" ('multiclass') maps each region or class name
 to {"dice", "iou"} and the top-level dice/iou are their mean; "disagreement" (eval.compare_dense) is the
-fraction of grid voxels whose label differs from evaluating every voxel; and WORKDIR/eval/predictions/<id>.nii.gz:
+fraction of grid voxels whose label differs from evaluating every voxel; each row also holds
+sensitivity, precision, hd95 and asd (mm), surface_dice and volumes in ml (reporting.py). Also written:
+eval/metrics.csv (one row per case), eval/meshes/<id>_{prediction,label}.{ply,obj} (world mm),
+eval/pictures/<id>_{slices,mesh}.png, eval/dice.png, and eval/predictions/<id>.nii.gz:
 a label map in label values (binary: 0/1; BraTS regions: 0/1/2/4) with the input file's shape, affine
 and voxel order, so it opens aligned on the image in ITK-SNAP or 3D Slicer.
 """
@@ -23,7 +26,7 @@ import ml_collections
 import numpy as np
 from scipy import ndimage
 
-from ossnet_jax import checkpointing, files, metrics, train_state
+from ossnet_jax import checkpointing, files, outputs, postprocess, reporting, train_state
 from ossnet_jax.data import dataset, labels, nifti
 from ossnet_jax.inference.mise import OctreeRefinement
 from ossnet_jax.inference.octree import BandRefinement, seed_from_segmentation
@@ -179,33 +182,6 @@ def _label_dtype(values: tuple[int, ...]) -> type:
     return np.uint8 if max(values) < 256 else np.uint16
 
 
-def score(spec: labels.LabelSpec, pred: np.ndarray, target: np.ndarray) -> dict:
-    """{"dice", "iou"} of two label maps in label values, the mean over the spec's channels, plus
-    {"regions"|"classes": {name: {"dice", "iou"}}} when there are several channels."""
-    per_channel = {}
-    for name, p, t in zip(spec.names, spec.value_masks(pred), spec.value_masks(target)):
-        counts = metrics.overlap_counts(p, t)
-        per_channel[name] = {
-            "dice": metrics.dice_from_counts(counts),
-            "iou": metrics.iou_from_counts(counts),
-        }
-    row = {k: float(np.mean([c[k] for c in per_channel.values()])) for k in ("dice", "iou")}
-    if spec.num_channels > 1:
-        row["regions" if spec.mode == "brats_regions" else "classes"] = per_channel
-    return row
-
-
-def _mean(rows: list[dict]) -> dict:
-    """Mean over cases of every numeric metric, nested dicts included."""
-    out = {}
-    for key, value in rows[0].items():
-        if isinstance(value, dict):
-            out[key] = _mean([r[key] for r in rows])
-        else:
-            out[key] = float(np.mean([r[key] for r in rows]))
-    return out
-
-
 def dataset_cases(
     config: ml_collections.ConfigDict, root: str, fmt: str = "", subset: str = ""
 ) -> tuple[ml_collections.ConfigDict, list[dataset.PreparedCase]]:
@@ -238,6 +214,7 @@ def evaluate(
         _, cases = dataset.load_split(config)
     predictor, step = restore_predictor(config, workdir)
     spec = predictor.spec
+    ev = config.eval
     out_dir = workdir / "eval" if out_dir is None else pathlib.Path(out_dir)
     rows = []
     if cases:
@@ -245,18 +222,41 @@ def evaluate(
     for case in cases:
         start = time.perf_counter()
         grid_pred, evaluations = predictor.predict(np.asarray(case.image))
+        if ev.get("min_component_voxels", 0):
+            keep = postprocess.remove_small_components(
+                grid_pred > 0, ev.min_component_voxels, ev.get("component_connectivity", 26)
+            )
+            grid_pred = np.where(keep, grid_pred, 0)
         seconds = time.perf_counter() - start
         pred = case.to_file_geometry(grid_pred).astype(_label_dtype(spec.values))
         nifti.save_nifti(out_dir / "predictions" / f"{case.id}.nii.gz", pred, case.affine)
         row = {"id": case.id, "decoder_points": int(evaluations), "seconds": round(seconds, 3)}
-        if config.eval.get("compare_dense", False) and config.eval.strategy != "dense":
-            ev = ml_collections.ConfigDict(config.eval.to_dict())
-            ev.strategy = "dense"
-            reference, _ = predictor.predict(np.asarray(case.image), ev)
+        if ev.get("compare_dense", False) and ev.strategy != "dense":
+            dense_ev = ml_collections.ConfigDict(ev.to_dict())
+            dense_ev.strategy = "dense"
+            reference, _ = predictor.predict(np.asarray(case.image), dense_ev)
             row["disagreement"] = float(np.mean(reference != grid_pred))
         target = case.target_in_file_geometry()
         if target is not None:
-            row.update(score(spec, pred, np.asarray(spec.values)[target]))
+            target = np.asarray(spec.values)[target]
+            row.update(
+                reporting.score(
+                    spec,
+                    pred,
+                    target,
+                    reporting.file_spacing(case),
+                    ev.get("surface_tolerance_mm", 1.0),
+                )
+            )
+        reporting.write_case_files(
+            out_dir,
+            case,
+            grid_pred,
+            pred,
+            target,
+            ev.get("meshes", True),
+            ev.get("pictures", True),
+        )
         rows.append(row)
     scored = [
         {k: v for k, v in r.items() if k not in ("id", "decoder_points", "seconds", "disagreement")}
@@ -265,6 +265,9 @@ def evaluate(
     ]
     result = {"step": step, "cases": rows}
     if scored:
-        result["mean"] = _mean(scored)
+        result["mean"] = reporting.mean_over_cases(scored)
+        if ev.get("pictures", True):
+            outputs.dice_summary_png(out_dir / "dice.png", rows)
+    outputs.write_csv(out_dir / "metrics.csv", rows)
     files.write_json(out_dir / "metrics.json", result)
     return result

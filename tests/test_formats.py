@@ -157,6 +157,12 @@ def test_check_reports_cases_and_every_problem(msd3d_root, tmp_path):
     assert "PROBLEM: " in result.stdout and "liver_001.nii.gz" in result.stdout
 
 
+def _label_file(root, case_id):
+    if case_id.startswith("lits-"):
+        return next(root.rglob(f"segmentation-{case_id[5:]}.nii"))
+    return root / "labelsTr" / f"{case_id}.nii.gz"
+
+
 LAYOUTS = {
     "lits-multiclass": ("lits_root", lits_config, "multiclass", None, "classes"),
     "msd4d-regions": (
@@ -204,10 +210,21 @@ def test_train_and_evaluate_on_each_layout(name, request, tmp_path):
         )
         if mode == "binary":
             assert 0.0 <= row["disagreement"] <= 1.0
+        eval_dir = tmp_path / "run" / "eval"
+        assert (eval_dir / "pictures" / f"{row['id']}_slices.png").stat().st_size > 1000
+        vertices = np.loadtxt(
+            eval_dir / "meshes" / f"{row['id']}_label.obj", usecols=(1, 2, 3), comments=("f", "#")
+        )
+        label_voxels = np.argwhere(np.asarray(nib.load(_label_file(root, row["id"])).dataobj) > 0)
+        world = nib.affines.apply_affine(source.affine, label_voxels)
+        np.testing.assert_allclose(vertices.mean(0), world.mean(0), atol=2.0)  # mm, same place
+        assert row["hd95"] is None or row["hd95"] >= 0.0
     if key:
         assert set(result["mean"][key]) == set(spec.names)
     saved = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
     assert saved["mean"] == result["mean"]
+    csv_rows = (tmp_path / "run" / "eval" / "metrics.csv").read_text().splitlines()
+    assert len(csv_rows) == 1 + len(result["cases"]) and "hd95" in csv_rows[0]
     if config.data.format == "msd":  # unlabelled imagesTs: predictions only, no metrics
         trained = evaluation.load_config(tmp_path / "run")
         other, cases = evaluation.dataset_cases(trained, str(root), subset="test")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from ossnet_jax import evaluation
+from ossnet_jax import evaluation, reporting
 from ossnet_jax.data import labels, nifti
 
 
@@ -89,10 +89,10 @@ def test_decisions_give_label_values_and_a_foreground_score():
 
 
 def test_region_scores_of_label_maps_match_a_hand_count():
-    target = np.array([0, 1, 2, 4, 4, 2, 0, 1])
-    pred = np.array([0, 1, 2, 2, 4, 0, 4, 4])
-    row = evaluation.score(spec_for("brats_regions"), pred, target)
-    # whole tumour {1,2,4}: pred 6 voxels, target 6, overlap 5 -> 10/12
+    target = np.array([0, 1, 2, 4, 4, 2, 0, 1]).reshape(2, 2, 2)
+    pred = np.array([0, 1, 2, 2, 4, 0, 4, 4]).reshape(2, 2, 2)
+    row = reporting.score(spec_for("brats_regions"), pred, target)
+    # voxels in C order; whole tumour {1,2,4}: pred 6 voxels, target 6, overlap 5 -> 10/12
     # tumour core {1,4}: pred {1,4,6,7}, target {1,3,4,7}, overlap 3 -> 6/8
     # enhancing {4}: pred {4,6,7}, target {3,4}, overlap 1 -> 2/5
     dice = {"whole_tumour": 10 / 12, "tumour_core": 6 / 8, "enhancing_tumour": 2 / 5}
@@ -104,8 +104,8 @@ def test_region_scores_of_label_maps_match_a_hand_count():
 
 def test_empty_prediction_and_empty_label_score_one():
     empty = np.zeros((3, 3, 3), np.uint8)
-    row = evaluation.score(spec_for("binary"), empty, empty)
-    assert row == {"dice": 1.0, "iou": 1.0}
+    row = reporting.score(spec_for("binary"), empty, empty)
+    assert row["dice"] == row["iou"] == row["surface_dice"] == 1.0 and row["hd95"] == 0.0
 
 
 def _nested_spheres(locations: np.ndarray, radii=(8.0, 5.0, 3.0), centre=(11.0, 12.0, 9.0)):
