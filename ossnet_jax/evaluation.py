@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 from scipy import ndimage
 
+from configs import base
 from ossnet_jax import checkpointing, files, outputs, postprocess, reporting, train_state
 from ossnet_jax.data import dataset, labels, nifti
 from ossnet_jax.inference.mise import OctreeRefinement
@@ -33,12 +34,25 @@ from ossnet_jax.inference.octree import BandRefinement, seed_from_segmentation
 from ossnet_jax.models.oss_net import OSSNet, build_model, downscale, observe, patch_source
 
 
+def _merged(defaults: dict, saved: dict) -> dict:
+    out = dict(defaults)
+    for key, value in saved.items():
+        both = isinstance(value, dict) and isinstance(defaults.get(key), dict)
+        out[key] = _merged(defaults[key], value) if both else value
+    return out
+
+
 def load_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
-    """The resolved config train.py saved in WORKDIR/config.json."""
+    """The resolved config train.py saved in WORKDIR/config.json.
+
+    Keys added to the code after the run was trained take their defaults (configs/base.py), so older
+    workdirs keep evaluating with the behaviour they were trained with plus the new options' defaults.
+    """
     path = pathlib.Path(workdir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {workdir} a training workdir?")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    saved = json.loads(path.read_text())
+    return ml_collections.ConfigDict(_merged(base.get_base_config().to_dict(), saved))
 
 
 def _encode(variables: dict, image: jax.Array, *, model: OSSNet, config: ml_collections.ConfigDict):
