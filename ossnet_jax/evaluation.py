@@ -2,7 +2,9 @@
 
 Writes WORKDIR/eval/metrics.json
   {"mean": {"dice", "iou"}, "cases": [{"id", "dice", "iou", "decoder_points", "seconds"}]}
-and WORKDIR/eval/predictions/<id>.nii.gz (uint8, the input's shape and affine).
+and WORKDIR/eval/predictions/<id>.nii.gz (uint8, the input's shape and affine), each under a temporary
+name and renamed. metrics.json is rewritten after every case (without "mean" until the last), so a
+rerun after an interruption skips the cases already done for the same checkpoint step.
 """
 
 import functools
@@ -96,36 +98,75 @@ class Predictor:
 def restore_predictor(
     config: ml_collections.ConfigDict, workdir: str | pathlib.Path, step: Optional[int] = None
 ) -> tuple[Predictor, int]:
-    """A Predictor with the slow (Lookahead) parameters of the best (or given) checkpoint, and its step."""
+    """A Predictor with the slow (Lookahead) parameters of the best (or given) checkpoint, and its step.
+
+    If the best checkpoint cannot be read, the newest readable one is used and the corrupt one named;
+    a given step that cannot be read raises checkpointing.CorruptCheckpointError naming it.
+    """
     model = build_model(config)
-    template = train_state.init_state(
-        config, model, train_state.make_optimizer(config), jax.random.key(0)
+    template = jax.eval_shape(  # shapes and dtypes only: nothing to initialise or compile
+        lambda: train_state.init_state(
+            config, model, train_state.make_optimizer(config), jax.random.key(0)
+        )
     )
     ckpt = checkpointing.Checkpoints(workdir)
-    step = ckpt.best_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
-    state = ckpt.restore(step, template)
-    ckpt.close()
+    try:
+        if step is None:
+            step, state = ckpt.restore_best(template)
+        else:
+            state = ckpt.restore(step, template)
+    finally:
+        ckpt.close()
     variables = {"params": state.params.slow, "batch_stats": state.batch_stats}
     return Predictor(config, model, variables), step
+
+
+def finished_rows(out_dir: pathlib.Path, step: int) -> dict[str, dict]:
+    """Rows of OUT_DIR/metrics.json, by case id, that were written for checkpoint `step` and whose
+    prediction file exists: the cases a rerun of evaluate does not need to predict again."""
+    path = out_dir / "metrics.json"
+    if not path.exists():
+        return {}
+    saved = json.loads(path.read_text())
+    if saved.get("step") != step:
+        return {}
+    return {
+        row["id"]: row
+        for row in saved.get("cases", [])
+        if (out_dir / "predictions" / f"{row['id']}.nii.gz").exists()
+    }
 
 
 def evaluate(
     config: ml_collections.ConfigDict,
     workdir: str | pathlib.Path,
     cases: Optional[list[dataset.PreparedCase]] = None,
+    overwrite: bool = False,
 ) -> dict:
-    """Predicts every case (default: the validation split), writes metrics.json and NIfTI predictions."""
+    """Predicts every case (default: the validation split), writes metrics.json and NIfTI predictions.
+
+    Cases already predicted for the same checkpoint step (see finished_rows) keep their prediction and
+    row unless `overwrite`.
+    """
     workdir = pathlib.Path(workdir)
     if cases is None:
         _, cases = dataset.load_split(config)
     predictor, step = restore_predictor(config, workdir)
     out_dir = workdir / "eval"
+    done = {} if overwrite else finished_rows(out_dir, step)
+    todo = [case for case in cases if case.id not in done]
+    if len(todo) < len(cases):
+        print(
+            f"reusing {len(cases) - len(todo)} predictions of checkpoint step {step} in {out_dir}"
+            " (--overwrite predicts them again)"
+        )
     rows = []
-    if cases:
-        predictor.compile(np.asarray(cases[0].image))  # keep compilation out of the timings
+    if todo:
+        predictor.compile(np.asarray(todo[0].image))  # keep compilation out of the timings
     for case in cases:
+        if case.id in done:
+            rows.append(done[case.id])
+            continue
         start = time.perf_counter()
         grid_pred, evaluations = predictor.predict(np.asarray(case.image))
         seconds = time.perf_counter() - start
@@ -137,6 +178,7 @@ def evaluate(
             counts = metrics.overlap_counts(pred, target)
             row.update(dice=metrics.dice_from_counts(counts), iou=metrics.iou_from_counts(counts))
         rows.append(row)
+        files.write_json(out_dir / "metrics.json", {"step": step, "cases": rows})
     scored = [r for r in rows if "dice" in r]
     result = {"step": step, "cases": rows}
     if scored:

@@ -132,7 +132,7 @@ def test_resume_reaches_the_same_parameters(trained, tmp_path):
 
 def test_evaluate_reproduces_metrics_from_the_checkpoint(trained):
     _, workdir, result = trained
-    again = evaluation.evaluate(evaluation.load_config(workdir), workdir)
+    again = evaluation.evaluate(evaluation.load_config(workdir), workdir, overwrite=True)
     for a, b in zip(again["cases"], result["cases"]):
         assert a["id"] == b["id"] and a["decoder_points"] == b["decoder_points"]
         assert a["dice"] == pytest.approx(b["dice"]) and a["iou"] == pytest.approx(b["iou"])
