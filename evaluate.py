@@ -1,10 +1,11 @@
 """Evaluates the best checkpoint of a training workdir densely, on its validation cases or another dataset.
 
-  python evaluate.py --workdir runs/demo
+  python evaluate.py --workdir runs/demo [--overwrite]
   python evaluate.py --workdir runs/demo --data.root data/MICCAI_BraTS2020_ValidationData
 Writes WORKDIR/eval/metrics.json and WORKDIR/eval/predictions/<case>.nii.gz; with --data.root, every
 case of that dataset is predicted into WORKDIR/eval/<folder name>/ (labels optional: cases without a
-label get a prediction and no metrics).
+label get a prediction and no metrics). Cases already predicted for the same checkpoint step are kept
+(a rerun after an interruption continues), unless --overwrite.
 """
 
 import pathlib
@@ -21,6 +22,9 @@ flags.DEFINE_string(
 flags.DEFINE_string("data.format", "", "Format of --data.root if it differs from training's.")
 flags.DEFINE_string("data.subset", "", "MSD: 'training' or 'test' (imagesTs) for --data.root.")
 flags.mark_flag_as_required("workdir")
+flags.DEFINE_bool(
+    "overwrite", False, "Predict every case again, even if already done for this step."
+)
 
 
 def main(argv):
@@ -34,7 +38,7 @@ def main(argv):
             config, root, FLAGS["data.format"].value, FLAGS["data.subset"].value
         )
         out_dir = pathlib.Path(FLAGS.workdir) / "eval" / pathlib.Path(root).resolve().name
-    result = evaluation.evaluate(config, FLAGS.workdir, cases, out_dir)
+    result = evaluation.evaluate(config, FLAGS.workdir, cases, out_dir, FLAGS.overwrite)
     for case in result["cases"]:
         scores = f"Dice {case['dice']:.4f} IoU {case['iou']:.4f} " if "dice" in case else ""
         print(

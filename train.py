@@ -2,8 +2,11 @@
 
   python train.py --config configs/demo.py --workdir runs/demo
   python train.py --config configs/oss_net_c.py:small --workdir runs/c --config.train.steps=300
-Rerunning the same command resumes from the latest checkpoint in WORKDIR/checkpoints.
+Rerunning the same command resumes from the latest checkpoint in WORKDIR/checkpoints. Ctrl-C (SIGINT)
+or SIGTERM saves a checkpoint of the current step and exits with status 130 or 143.
 """
+
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -19,7 +22,11 @@ flags.mark_flag_as_required("workdir")
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    result = training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    try:
+        result = training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except training.TrainingInterrupted as stop:
+        print(stop, file=sys.stderr)
+        sys.exit(stop.exit_code)
     if "mean" in result:
         print(
             f"validation (dense, {len(result['cases'])} cases): mean Dice {result['mean']['dice']:.4f}"

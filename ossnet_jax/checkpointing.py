@@ -1,11 +1,18 @@
 """Orbax checkpoints in WORKDIR/checkpoints: the last `keep` steps plus the best by validation Dice.
 
 A checkpoint holds the train state as arrays (OCDBT/Zarr) and its metrics as JSON; no pickle, so loading
-a checkpoint someone shared cannot run code.
+a checkpoint someone shared cannot run code. A save is written to a temporary folder and renamed, so a
+killed save leaves only that temporary folder, which the training process removes on start. A finished
+checkpoint that cannot be read back (a truncated or deleted file) is moved aside by the training run to
+checkpoints/corrupt-<step>-<time>, where orbax no longer sees it, and the previous one is used.
 """
 
+import errno
 import logging
+import os
 import pathlib
+import sys
+import time
 from typing import Any, Optional
 
 import jax
@@ -15,6 +22,85 @@ from orbax.checkpoint import checkpoint_managers as managers
 
 BEST_METRIC = "val_dice"
 MAX_SHOWN_MISMATCHES = 5
+MAX_REASON_CHARS = 400  # the first line of an error; tensorstore's go on with a whole JSON spec
+FREE_SPACE_MARGIN_BYTES = 64 << 20  # checkpoint metadata, logs and predictions on top of the arrays
+
+
+class CorruptCheckpointError(RuntimeError):
+    """Finished checkpoints (`path`: one step folder, or the checkpoints folder for all of them) whose
+    arrays or metadata cannot be read, e.g. a truncated or deleted file."""
+
+    def __init__(self, path: pathlib.Path, reason: str):
+        super().__init__(f"{path} cannot be read: {reason}")
+        self.path = path
+
+
+def _reason(error: BaseException) -> str:
+    """'TypeName: first line' of the innermost cause, at most MAX_REASON_CHARS characters.
+
+    orbax wraps tensorstore's error (e.g. 'OUT_OF_RANGE: Error reading "params...kernel/0.0" in OCDBT
+    database at local file ...: Requested byte range ...') in a generic one; the cause names the file.
+    """
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:MAX_REASON_CHARS]
+
+
+def is_failed_read_aftermath(exc_value: Optional[BaseException], obj: Any) -> bool:
+    """Whether an unraisable exception is the aftermath of a failed orbax restore.
+
+    When one array read fails, orbax closes its event loop while other reads are in flight; they then
+    complete on tensorstore threads into the closed loop ('Event loop is closed'), and their coroutines
+    are collected still holding a read error. Each prints a traceback with a whole TensorStore spec,
+    thousands of lines in all that would bury the message naming the corrupt checkpoint.
+    """
+    code = getattr(obj, "cr_code", None)
+    if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
+        return True
+    return isinstance(exc_value, RuntimeError) and str(exc_value) == "Event loop is closed"
+
+
+class _NoFailedReadTasks(logging.Filter):
+    """Drops asyncio's 'Task exception was never retrieved' for tensorstore reads of a failed restore."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("never retrieved" in message and "tensorstore" in message.lower())
+
+
+def _quiet_failed_read_aftermath() -> None:
+    """From the first failed restore on, drops its aftermath (see is_failed_read_aftermath)."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_failed_reads", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if not is_failed_read_aftermath(unraisable.exc_value, unraisable.object):
+            previous(unraisable)
+
+    hook.drops_failed_reads = True
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_NoFailedReadTasks())
+
+
+def check_free_space(
+    directory: pathlib.Path, free_bytes: int, state_bytes: int, copies: int
+) -> None:
+    """Raises OSError (ENOSPC) unless `free_bytes` exceed `copies` checkpoints of `state_bytes` + margin.
+
+    Pure (the caller measures the numbers), so a run fails with the sizes spelled out before training
+    rather than with an orbax write error at its first checkpoint.
+    """
+    needed = copies * state_bytes + FREE_SPACE_MARGIN_BYTES
+    if free_bytes < needed:
+        mib = lambda n: f"{n / 2**20:.1f} MiB"
+        raise OSError(
+            errno.ENOSPC,
+            f"not enough free space for checkpoints in {directory}: {mib(free_bytes)} free, about "
+            f"{mib(needed)} needed ({copies} x {mib(state_bytes)} of parameters and optimizer state "
+            f"+ {mib(FREE_SPACE_MARGIN_BYTES)} margin); free some space or choose another --workdir",
+        )
 
 
 class _NoMetricsNote(logging.Filter):
@@ -37,9 +123,15 @@ def _metric(metrics: dict) -> float:
 
 
 class Checkpoints:
-    """Saves and restores train states of one workdir."""
+    """Saves and restores train states of one workdir.
 
-    def __init__(self, workdir: str | pathlib.Path, keep: int = 3):
+    `writer=True` (the training process, the only one that saves) removes unfinished checkpoint writes
+    left by a killed run; readers such as evaluate.py leave them alone, since they may belong to a run
+    that is still saving.
+    """
+
+    def __init__(self, workdir: str | pathlib.Path, keep: int = 3, writer: bool = False):
+        self.keep = keep
         policy = managers.AnyPreservationPolicy(
             [
                 managers.LatestN(keep),
@@ -51,6 +143,7 @@ class Checkpoints:
             best_fn=_metric,
             best_mode="max",
             create=True,
+            cleanup_tmp_directories=writer,
             enable_async_checkpointing=False,
         )
         self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
@@ -71,13 +164,28 @@ class Checkpoints:
         best = self.manager.best_step()
         return best if best is not None else self.latest_step()
 
+    def copies_to_fit(self) -> int:
+        """Checkpoints that still have to fit on disk: the last `keep`, the best and the one being
+        written before the oldest is deleted, less those already saved; at least one."""
+        return max(1, self.keep + 2 - len(self.manager.all_steps()))
+
     def restore(self, step: int, target: Any) -> Any:
         """The state saved at `step`, with the structure, shapes and dtypes of `target`.
 
         Raises ValueError naming the checkpoint and the first mismatched paths (saved vs expected shape)
-        if the saved arrays do not fit `target`, e.g. a checkpoint of another model configuration.
+        if the saved arrays do not fit `target`, e.g. a checkpoint of another model configuration, and
+        CorruptCheckpointError if its metadata or arrays cannot be read.
         """
-        mismatches = self._mismatches(step, target)
+        path = self.directory / str(step)
+        if step not in self.manager.all_steps():
+            raise FileNotFoundError(f"no checkpoint {path}")
+        try:
+            metadata = self.manager.item_metadata(step)
+        except Exception as error:  # orbax/tensorstore raise many types for unreadable files
+            raise CorruptCheckpointError(path, _reason(error)) from error
+        if metadata is None:
+            raise CorruptCheckpointError(path, "its array metadata (default/_METADATA) is missing")
+        mismatches = self._mismatches(metadata, target)
         if mismatches:
             shown = "\n".join(
                 f"  {path}: saved {saved}, expected {expected}"
@@ -89,15 +197,66 @@ class Checkpoints:
                 f"{len(mismatches)} arrays differ in shape or are missing, first ones:\n{shown}"
                 + (f"\n  ... and {more} more" if more > 0 else "")
             )
-        return self.manager.restore(step, args=ocp.args.StandardRestore(target))
+        try:
+            return self.manager.restore(step, args=ocp.args.StandardRestore(target))
+        except Exception as error:
+            _quiet_failed_read_aftermath()
+            raise CorruptCheckpointError(path, _reason(error)) from error
 
-    def _mismatches(self, step: int, target: Any) -> list[tuple[str, Any, Any]]:
+    def restore_latest(self, target: Any) -> tuple[int, Any]:
+        """(step, state) of the newest checkpoint that can be read; see `_restore_first`."""
+        return self._restore_first(sorted(self.manager.all_steps(), reverse=True), target, True)
+
+    def restore_best(self, target: Any) -> tuple[int, Any]:
+        """(step, state) of the best checkpoint, or of the newest readable one if the best is corrupt.
+
+        For readers: a corrupt checkpoint is reported but left in place (training moves it aside).
+        """
+        best = self.best_step()
+        rest = sorted((s for s in self.manager.all_steps() if s != best), reverse=True)
+        return self._restore_first([best, *rest] if best is not None else [], target, False)
+
+    def _restore_first(self, steps: list[int], target: Any, set_aside: bool) -> tuple[int, Any]:
+        """Restores the first of `steps` that can be read, reporting each corrupt one before it.
+
+        With `set_aside`, the corrupt ones are renamed to checkpoints/corrupt-<step>-<time> once a
+        readable one is found. If none can be read, nothing is moved (a systematic failure, e.g. an
+        unreadable format, should not hide every checkpoint) and CorruptCheckpointError lists them all;
+        without checkpoints FileNotFoundError. A ValueError for another model configuration propagates.
+        """
+        failures = []
+        for step in steps:
+            try:
+                state = self.restore(step, target)
+            except CorruptCheckpointError as error:
+                failures.append(error)
+                continue
+            for error in failures:
+                action = self._set_aside(error.path) if set_aside else "left it in place"
+                print(f"{error}; {action}; using step {step} instead", flush=True)
+            if failures and set_aside:
+                self.manager.reload()
+            return step, state
+        if failures:
+            listed = "\n".join(f"  {error}" for error in failures)
+            raise CorruptCheckpointError(
+                self.directory,
+                f"none of its checkpoints can be read:\n{listed}\nMove them out of "
+                f"{self.directory} to start from scratch, or use another --workdir",
+            )
+        raise FileNotFoundError(f"no checkpoint in {self.directory}")
+
+    def _set_aside(self, path: pathlib.Path) -> str:
+        """Renames a checkpoint folder to corrupt-<step>-<time> beside it; says where it went."""
+        moved = path.with_name(f"corrupt-{path.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        path.rename(moved)
+        return f"moved it to {moved}"
+
+    def _mismatches(self, metadata: Any, target: Any) -> list[tuple[str, Any, Any]]:
         """(dotted path, saved shape, expected shape) of arrays that differ; None where one is absent."""
         saved = {
             _dotted(path): tuple(leaf.shape)
-            for path, leaf in jax.tree_util.tree_flatten_with_path(
-                self.manager.item_metadata(step)
-            )[0]
+            for path, leaf in jax.tree_util.tree_flatten_with_path(metadata)[0]
         }
         expected = {
             _dotted(path): tuple(leaf.shape if hasattr(leaf, "shape") else jnp.shape(leaf))

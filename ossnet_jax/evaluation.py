@@ -177,23 +177,47 @@ def extract(
 def restore_predictor(
     config: ml_collections.ConfigDict, workdir: str | pathlib.Path, step: Optional[int] = None
 ) -> tuple[Predictor, int]:
-    """A Predictor with the slow (Lookahead) parameters of the best (or given) checkpoint, and its step."""
+    """A Predictor with the slow (Lookahead) parameters of the best (or given) checkpoint, and its step.
+
+    If the best checkpoint cannot be read, the newest readable one is used and the corrupt one named;
+    a given step that cannot be read raises checkpointing.CorruptCheckpointError naming it.
+    """
     model = build_model(config)
-    template = train_state.init_state(
-        config, model, train_state.make_optimizer(config), jax.random.key(0)
+    template = jax.eval_shape(  # shapes and dtypes only: nothing to initialise or compile
+        lambda: train_state.init_state(
+            config, model, train_state.make_optimizer(config), jax.random.key(0)
+        )
     )
     ckpt = checkpointing.Checkpoints(workdir)
-    step = ckpt.best_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
-    state = ckpt.restore(step, template)
-    ckpt.close()
+    try:
+        if step is None:
+            step, state = ckpt.restore_best(template)
+        else:
+            state = ckpt.restore(step, template)
+    finally:
+        ckpt.close()
     variables = {"params": state.params.slow, "batch_stats": state.batch_stats}
     return Predictor(config, model, variables), step
 
 
 def _label_dtype(values: tuple[int, ...]) -> type:
     return np.uint8 if max(values) < 256 else np.uint16
+
+
+def finished_rows(out_dir: pathlib.Path, step: int) -> dict[str, dict]:
+    """Rows of OUT_DIR/metrics.json, by case id, that were written for checkpoint `step` and whose
+    prediction file exists: the cases a rerun of evaluate does not need to predict again."""
+    path = out_dir / "metrics.json"
+    if not path.exists():
+        return {}
+    saved = json.loads(path.read_text())
+    if saved.get("step") != step:
+        return {}
+    return {
+        row["id"]: row
+        for row in saved.get("cases", [])
+        if (out_dir / "predictions" / f"{row['id']}.nii.gz").exists()
+    }
 
 
 def dataset_cases(
@@ -217,11 +241,15 @@ def evaluate(
     workdir: str | pathlib.Path,
     cases: Optional[list[dataset.PreparedCase]] = None,
     out_dir: Optional[str | pathlib.Path] = None,
+    overwrite: bool = False,
 ) -> dict:
     """Predicts every case (default: the validation split) into `out_dir` (default WORKDIR/eval).
 
     Writes predictions/<id>.nii.gz for every case and metrics.json; cases without a label get a
     prediction and a row without metrics, and "mean" is only written when some case has a label.
+    metrics.json is rewritten after every case (without "mean" until the last), and cases already
+    predicted for the same checkpoint step (see finished_rows) keep their files and row unless
+    `overwrite`, so a rerun after an interruption continues where it stopped.
     """
     workdir = pathlib.Path(workdir)
     if cases is None:
@@ -230,10 +258,20 @@ def evaluate(
     spec = predictor.spec
     ev = config.eval
     out_dir = workdir / "eval" if out_dir is None else pathlib.Path(out_dir)
+    done = {} if overwrite else finished_rows(out_dir, step)
+    todo = [case for case in cases if case.id not in done]
+    if len(todo) < len(cases):
+        print(
+            f"reusing {len(cases) - len(todo)} predictions of checkpoint step {step} in {out_dir}"
+            " (--overwrite predicts them again)"
+        )
     rows = []
-    if cases:
-        predictor.compile(np.asarray(cases[0].image))  # keep compilation out of the timings
+    if todo:
+        predictor.compile(np.asarray(todo[0].image))  # keep compilation out of the timings
     for case in cases:
+        if case.id in done:
+            rows.append(done[case.id])
+            continue
         start = time.perf_counter()
         grid_pred, evaluations = predictor.predict(np.asarray(case.image))
         if ev.get("min_component_voxels", 0):
@@ -272,6 +310,7 @@ def evaluate(
             ev.get("pictures", True),
         )
         rows.append(row)
+        files.write_json(out_dir / "metrics.json", {"step": step, "cases": rows})
     scored = [
         {k: v for k, v in r.items() if k not in ("id", "decoder_points", "seconds", "disagreement")}
         for r in rows

@@ -6,11 +6,16 @@ cases of a step are a pure function of the step, so a resumed run draws exactly 
 one would.
 """
 
+import contextlib
 import functools
 import json
+import os
 import pathlib
+import shutil
+import signal
+import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -160,6 +165,70 @@ class PointValidator:
         }
 
 
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped training after a checkpoint of the current step was saved.
+
+    exit_code is the shell's status for that signal (130, 143); train.py exits with it.
+    """
+
+    def __init__(self, signum: int, step: int, directory: pathlib.Path):
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"{name} received: stopped after step {step}, saved as checkpoint {directory / str(step)}; "
+            "rerun the same command to resume"
+        )
+        self.exit_code = 128 + signum
+
+
+@contextlib.contextmanager
+def _stop_requests() -> Iterator[list[int]]:
+    """Yields a list that SIGINT and SIGTERM append their number to instead of stopping the process.
+
+    The host loop checks it after each step, so a checkpoint of that step is saved before stopping;
+    the previous handlers are restored on exit. Handlers can only be set in the main thread; elsewhere
+    the list stays empty and the signals keep their behaviour.
+    """
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def record(signum: int, frame: Any) -> None:
+        received.append(signum)
+        note = (
+            f"\n{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping\n"
+        )
+        os.write(2, note.encode())  # not print: the handler may run in the middle of a print
+
+    previous = {s: signal.signal(s, record) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def drop_log_rows_after(path: pathlib.Path, step: int) -> None:
+    """Rewrites the JSON-lines log `path` (atomically) without rows of steps after `step`.
+
+    Called with the step training resumes from, so rows a killed run logged after its last checkpoint
+    are not duplicated when those steps run again; a torn last line of a killed write is dropped too.
+    """
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= step:
+            kept.append(line)
+    if len(kept) < len(lines):
+        files.write_text(path, "".join(f"{line}\n" for line in kept))
+
+
 RESUME_DATA_KEYS = (
     "grid_shape",
     "num_channels",
@@ -224,7 +293,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     checkpoint is restored. An update with a NaN/Inf loss or gradient
     is skipped (parameters unchanged) and logged as {"step", "skipped_nonfinite": 1} in metrics.jsonl;
     train.max_nonfinite_steps consecutive skips raise FloatingPointError. Checkpoints are only written
-    after an applied update, except at the last step, whose parameters are those of the last applied one.
+    after an applied update, except at the last step, whose parameters are those of the last applied one,
+    and on SIGINT/SIGTERM, which save the step being run and raise TrainingInterrupted.
+
+    Before training: the workdir must be writable and have room for the checkpoints (OSError naming
+    it otherwise); a corrupt latest checkpoint is moved aside and the previous one resumed; rows of
+    metrics.jsonl after the resumed step are dropped, since those steps run again.
     """
     config = dataset.resolve_data_config(config)
     workdir = pathlib.Path(workdir)
@@ -234,8 +308,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     cases = dataset.load_split(
         config
     )  # every data problem surfaces here, before anything is written
-    workdir.mkdir(parents=True, exist_ok=True)
-    ckpt = checkpointing.Checkpoints(workdir)
+    files.ensure_writable_dir(workdir)
+    ckpt = checkpointing.Checkpoints(workdir, writer=True)
     try:
         _train(config, workdir, ckpt, ckpt.latest_step() or 0, cases)
     finally:
@@ -257,8 +331,14 @@ def _train(
     tx = make_optimizer(config)
     state = init_state(config, model, tx, jax.random.key(t.seed))
     if start:
-        state = ckpt.restore(start, state)
+        start, state = ckpt.restore_latest(state)
         print(f"resuming from step {start} of {workdir / 'checkpoints'}")
+    checkpointing.check_free_space(
+        ckpt.directory,
+        shutil.disk_usage(ckpt.directory).free,
+        sum(leaf.nbytes for leaf in jax.tree.leaves(state)),
+        ckpt.copies_to_fit(),
+    )
     files.write_json(workdir / "config.json", json.loads(config.to_json()))
     step_fn = jax.jit(
         functools.partial(train_step, model=model, tx=tx, config=config), donate_argnums=0
@@ -269,12 +349,14 @@ def _train(
         train_cases[i] for i in dataset.case_indices(s, t.batch_size, len(train_cases), t.seed)
     ]
     log_path = workdir / "metrics.jsonl"
+    drop_log_rows_after(log_path, start)
     tick, wait = time.perf_counter(), 0.0
     nonfinite = 0  # consecutive skipped updates
     with (
         Prefetcher(lambda s: dataset.stack_batch(cases_of(s)), start, t.steps) as batches,
         tqdm(total=t.steps, initial=start, desc="train", dynamic_ncols=True) as bar,
         open(log_path, "a") as log,
+        _stop_requests() as stop,
     ):
         for step in range(start, t.steps):
             waited = time.perf_counter()
@@ -329,7 +411,11 @@ def _train(
                     " (sampled locations)"
                 )
             periodic = val is not None or done % t.checkpoint_every == 0
-            if (periodic and not nonfinite) or done == t.steps:
+            # read once: a signal arriving after this line is handled after the next step
+            stopping = bool(stop)
+            if (periodic and not nonfinite) or done == t.steps or stopping:
                 ckpt.save(done, state, val)
+            if stopping:
+                raise TrainingInterrupted(stop[0], done, ckpt.directory)
             if done == bar.n:  # a window was just logged: time the next one from here
                 tick, wait = time.perf_counter(), 0.0

@@ -1,17 +1,29 @@
-"""Reliability: non-finite updates are skipped and stop a run; resuming refuses a changed configuration."""
+"""Reliability: non-finite updates, changed configurations, killed and signalled runs, corrupt
+checkpoints, reruns of evaluation, unwritable or full workdirs, and metrics.jsonl after a resume."""
 
+import errno
 import functools
 import json
+import os
 import pathlib
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import types
 
 import jax
 import numpy as np
 import pytest
 
-from ossnet_jax import checkpointing, train_state, training
+from ossnet_jax import checkpointing, evaluation, train_state, training
 from ossnet_jax.data import dataset
 from ossnet_jax.models.oss_net import build_model
 from tests.conftest import tiny_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _leaves(tree) -> list[np.ndarray]:
@@ -146,3 +158,339 @@ def test_a_longer_run_resumes_and_nan_batches_stop_it_keeping_the_checkpoint(
     assert after == before
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r.get("skipped_nonfinite") == 1] == [3, 4]
+
+
+def test_drop_log_rows_after_keeps_rows_up_to_the_step_and_drops_a_torn_line(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    rows = [{"step": 1, "loss": 1.0}, {"step": 2, "val_dice": 0.5}, {"step": 3, "loss": 0.9}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "lo')
+    training.drop_log_rows_after(log, 2)
+    assert [json.loads(line) for line in log.read_text().splitlines()] == rows[:2]
+    inode = log.stat().st_ino
+    training.drop_log_rows_after(log, 2)
+    assert log.stat().st_ino == inode  # nothing to drop: not rewritten
+    training.drop_log_rows_after(log, 0)
+    assert log.read_text() == ""
+    training.drop_log_rows_after(tmp_path / "absent.jsonl", 0)
+    assert not (tmp_path / "absent.jsonl").exists()
+
+
+def test_free_space_check_names_the_folder_and_the_sizes(tmp_path):
+    mib = 2**20
+    checkpointing.check_free_space(tmp_path, 200 * mib, 10 * mib, 5)  # 5 x 10 + 64 MiB margin fit
+    with pytest.raises(OSError) as error:
+        checkpointing.check_free_space(tmp_path, 100 * mib, 10 * mib, 5)
+    assert error.value.errno == errno.ENOSPC
+    message = str(error.value)
+    assert str(tmp_path) in message and "100.0 MiB free" in message
+    assert "114.0 MiB needed" in message and "5 x 10.0 MiB" in message
+    ckpt = checkpointing.Checkpoints(tmp_path)
+    assert ckpt.copies_to_fit() == 5  # none saved yet: the last 3, the best, the one being written
+    ckpt.close()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write to a read-only folder")
+def test_a_read_only_workdir_fails_before_training_and_is_named(synthetic_root, tmp_path):
+    workdir = tmp_path / "read_only"
+    workdir.mkdir()
+    workdir.chmod(0o555)
+    try:
+        with pytest.raises(PermissionError, match=f"cannot write to {re.escape(str(workdir))}"):
+            training.train_and_evaluate(tiny_config(synthetic_root), str(workdir))
+    finally:
+        workdir.chmod(0o755)
+    assert list(workdir.iterdir()) == []
+
+
+def test_a_workdir_below_a_file_fails_before_training_and_is_named(synthetic_root, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    workdir = blocker / "run"
+    with pytest.raises(OSError, match=f"cannot write to {re.escape(str(workdir))}"):
+        training.train_and_evaluate(tiny_config(synthetic_root), str(workdir))
+
+
+def test_stop_requests_record_sigint_and_sigterm_then_restore_the_handlers():
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with training._stop_requests() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop == [signal.SIGINT, signal.SIGTERM]  # recorded; neither stopped the process
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    stopped = training.TrainingInterrupted(signal.SIGINT, 3, pathlib.Path("/w/checkpoints"))
+    assert stopped.exit_code == 130
+    assert "SIGINT received: stopped after step 3" in str(stopped)
+    assert "/w/checkpoints/3" in str(stopped)
+    assert training.TrainingInterrupted(signal.SIGTERM, 3, pathlib.Path("/w")).exit_code == 143
+
+
+def test_evaluate_skips_cases_done_for_the_same_step_unless_overwrite(two_steps, capsys):
+    config, workdir = two_steps
+    out = workdir / "eval"
+    predictions = sorted((out / "predictions").glob("*.nii.gz"))
+    assert len(predictions) == 2  # written by the run's own evaluation at step 2
+    saved = json.loads((out / "metrics.json").read_text())
+    stamps = {p: p.stat().st_mtime_ns for p in predictions}
+
+    assert evaluation.evaluate(config, workdir) == saved
+    assert {p: p.stat().st_mtime_ns for p in predictions} == stamps
+    assert "reusing 2 predictions of checkpoint step 2" in capsys.readouterr().out
+
+    predictions[0].unlink()  # a case without its prediction file is predicted again
+    again = evaluation.evaluate(config, workdir)
+    assert predictions[0].exists() and predictions[1].stat().st_mtime_ns == stamps[predictions[1]]
+    assert again["cases"][1] == saved["cases"][1] and again["mean"] == saved["mean"]
+    assert "reusing 1 predictions" in capsys.readouterr().out
+
+    stamps = {p: p.stat().st_mtime_ns for p in predictions}
+    evaluation.evaluate(config, workdir, overwrite=True)
+    assert all(p.stat().st_mtime_ns != stamps[p] for p in predictions)
+    assert "reusing" not in capsys.readouterr().out
+
+
+# train.py subprocesses. They share one persistent JAX compilation cache, so only the first compiles.
+STEPS = 6
+RUN_CONFIG = """# tiny_config without validation cases, {steps} steps, a checkpoint every 2, a row per step.
+
+import pathlib
+
+from tests.conftest import tiny_config
+
+
+def get_config():
+    config = tiny_config(pathlib.Path({root!r}))
+    config.data.val_fraction = 0.0
+    config.train.steps = {steps}
+    config.train.log_every = 1
+    config.train.checkpoint_every = 2
+    config.train.eval_every = 1000
+    return config
+"""
+TIMEOUT_S = 240
+
+
+class TrainRun:
+    """A `python train.py` subprocess; its stdout and stderr go to a file."""
+
+    def __init__(self, command: list[str], env: dict, log_path: pathlib.Path):
+        self.log_path = log_path
+        with open(log_path, "w") as log:
+            self.process = subprocess.Popen(
+                command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+
+    def output(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_for(self, condition, what: str, interval: float = 0.002) -> None:
+        """Polls `condition` until true; fails if the run ends first or after TIMEOUT_S."""
+        deadline = time.monotonic() + TIMEOUT_S
+        while not condition():
+            if self.process.poll() is not None:
+                pytest.fail(
+                    f"train.py ended ({self.process.returncode}) before {what}:\n{self.output()}"
+                )
+            if time.monotonic() > deadline:
+                self.process.kill()
+                pytest.fail(f"no {what} after {TIMEOUT_S} s:\n{self.output()}")
+            time.sleep(interval)
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        assert self.process.wait(TIMEOUT_S) == -signal.SIGKILL
+
+    def finish(self) -> int:
+        return self.process.wait(TIMEOUT_S)
+
+
+@pytest.fixture(scope="module")
+def start_run(synthetic_root, tmp_path_factory):
+    """start_run(workdir, *flags) starts train.py on the tiny STEPS-step config in WORKDIR."""
+    folder = tmp_path_factory.mktemp("train_py")
+    config_file = folder / "tiny.py"
+    config_file.write_text(RUN_CONFIG.format(root=str(synthetic_root), steps=STEPS))
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "JAX_COMPILATION_CACHE_DIR": str(folder / "jax_cache"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
+    runs = iter(range(100))
+
+    def start(workdir: pathlib.Path, *flags: str) -> TrainRun:
+        command = [sys.executable, "train.py", f"--config={config_file}", f"--workdir={workdir}"]
+        return TrainRun([*command, *flags], env, folder / f"run{next(runs)}.log")
+
+    return start
+
+
+@pytest.fixture(scope="module")
+def reference(start_run, tmp_path_factory) -> pathlib.Path:
+    """The workdir of an uninterrupted run: checkpoints at steps 2, 4 and 6."""
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    run = start_run(workdir)
+    assert run.finish() == 0, run.output()
+    assert _checkpoint_steps(workdir) == [2, 4, STEPS]
+    return workdir
+
+
+def _restore(workdir: pathlib.Path, step: int):
+    """The train state saved at `step` in WORKDIR, for the config saved there."""
+    config = evaluation.load_config(workdir)
+    model = build_model(config)
+    template = jax.eval_shape(
+        lambda: train_state.init_state(
+            config, model, train_state.make_optimizer(config), jax.random.key(0)
+        )
+    )
+    ckpt = checkpointing.Checkpoints(workdir)
+    state = ckpt.restore(step, template)
+    ckpt.close()
+    return state
+
+
+def _assert_same_states(a, b) -> None:
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(_leaves(a), _leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
+
+
+def _largest_array_file(step_dir: pathlib.Path) -> pathlib.Path:
+    """The largest of the data files (OCDBT 'd/' folders) holding a checkpoint's arrays."""
+    data = [p for p in step_dir.rglob("*") if p.is_file() and p.parent.name == "d"]
+    return max(data, key=lambda p: p.stat().st_size)
+
+
+def _logged_steps(workdir: pathlib.Path) -> list[int]:
+    """Steps of the training rows (those with a loss) of metrics.jsonl."""
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["step"] for line in lines if '"loss"' in line]
+
+
+def test_killed_and_corrupted_runs_resume_to_the_uninterrupted_parameters(
+    start_run, reference, tmp_path
+):
+    """SIGKILL after checkpoint 4; checkpoint 4 truncated on disk; the rerun says so, moves it aside
+    and resumes from 2; SIGKILL while it writes checkpoint 4 again; the third run of the same command
+    ends with the parameters and the metrics.jsonl steps of the uninterrupted run."""
+    workdir = tmp_path / "killed"
+    checkpoints = workdir / "checkpoints"
+    first = start_run(workdir)
+    first.wait_for(lambda: (checkpoints / "4").is_dir(), "checkpoint 4")
+    first.kill()
+    assert _checkpoint_steps(workdir) == [2, 4]
+
+    truncated = _largest_array_file(checkpoints / "4")
+    os.truncate(truncated, truncated.stat().st_size // 2)
+    second = start_run(workdir)
+    writing = lambda: list(checkpoints.glob("4.orbax-checkpoint-tmp*"))
+    second.wait_for(writing, "the temporary folder of checkpoint 4", interval=0.001)
+    second.kill()
+    assert writing() and not (checkpoints / "4").exists(), "killed before or after the write"
+    output = second.output()
+    moved = [p for p in checkpoints.iterdir() if p.name.startswith("corrupt-4-")]
+    assert len(moved) == 1 and (moved[0] / truncated.relative_to(checkpoints / "4")).exists()
+    assert f"{checkpoints / '4'} cannot be read: " in output
+    assert f"moved it to {moved[0]}; using step 2 instead" in output
+    assert f"resuming from step 2 of {checkpoints}" in output
+    assert "Event loop is closed" not in output and "Exception ignored" not in output
+
+    third = start_run(workdir)
+    assert third.finish() == 0, third.output()
+    assert f"resuming from step 2 of {checkpoints}" in third.output()
+    assert not writing() and _checkpoint_steps(workdir) == [2, 4, STEPS]
+    _assert_same_states(_restore(workdir, STEPS), _restore(reference, STEPS))
+    assert _logged_steps(workdir) == _logged_steps(reference) == list(range(1, STEPS + 1))
+
+
+def test_sigterm_saves_the_current_step_and_the_rerun_resumes_from_it(
+    start_run, reference, tmp_path
+):
+    """SIGTERM once step 1 is logged: the run saves the step it is on (no periodic checkpoints) and
+    exits 143; the rerun resumes there and ends with the parameters of the uninterrupted run."""
+    workdir = tmp_path / "terminated"
+    no_periodic = "--config.train.checkpoint_every=100"  # only the signal's and the last checkpoint
+    first = start_run(workdir, no_periodic)
+    log = workdir / "metrics.jsonl"
+    first.wait_for(lambda: log.exists() and '"loss"' in log.read_text(), "step 1")
+    first.process.send_signal(signal.SIGTERM)
+    assert first.finish() == 128 + signal.SIGTERM, first.output()
+    (saved,) = _checkpoint_steps(workdir)
+    assert 1 <= saved < STEPS
+    assert f"SIGTERM received: stopped after step {saved}, saved as checkpoint" in first.output()
+
+    second = start_run(workdir, no_periodic)
+    assert second.finish() == 0, second.output()
+    assert f"resuming from step {saved} of {workdir / 'checkpoints'}" in second.output()
+    _assert_same_states(_restore(workdir, STEPS), _restore(reference, STEPS))
+
+
+def test_corrupt_checkpoints_are_named_and_the_newest_good_one_restored(
+    reference, tmp_path, capsys
+):
+    """A data file of checkpoint 6 truncated, one of 4 deleted: evaluation falls back to step 2 and
+    leaves them in place; training (restore_latest) moves them aside to checkpoints/corrupt-<step>-*."""
+    workdir = tmp_path / "corrupt"
+    shutil.copytree(reference, workdir)
+    checkpoints = workdir / "checkpoints"
+    truncated = _largest_array_file(checkpoints / "6")
+    os.truncate(truncated, truncated.stat().st_size // 2)
+    _largest_array_file(checkpoints / "4").unlink()
+    expected = _restore(reference, 2)
+
+    _, step = evaluation.restore_predictor(evaluation.load_config(workdir), workdir)
+    assert step == 2 and _checkpoint_steps(workdir) == [2, 4, 6]
+    output = capsys.readouterr().out
+    for bad in ("6", "4"):
+        assert f"{checkpoints / bad} cannot be read: ValueError: " in output
+    assert output.count("left it in place; using step 2 instead") == 2
+    with pytest.raises(
+        checkpointing.CorruptCheckpointError, match=re.escape(str(checkpoints / "6"))
+    ):
+        evaluation.restore_predictor(evaluation.load_config(workdir), workdir, step=6)
+
+    ckpt = checkpointing.Checkpoints(workdir, writer=True)
+    step, state = ckpt.restore_latest(expected)
+    assert step == 2 and ckpt.manager.all_steps() == [2]
+    ckpt.close()
+    _assert_same_states(state, expected)
+    output = capsys.readouterr().out
+    moved = {}
+    for bad in ("6", "4"):
+        (moved[bad],) = [p for p in checkpoints.iterdir() if p.name.startswith(f"corrupt-{bad}-")]
+        assert f"{checkpoints / bad} cannot be read: " in output
+        assert f"moved it to {moved[bad]}; using step 2 instead" in output
+    assert (moved["6"] / truncated.relative_to(checkpoints / "6")).exists()  # kept, not deleted
+    assert _checkpoint_steps(workdir) == [2]
+
+
+def test_only_the_aftermath_of_a_failed_restore_is_silenced():
+    orbax_read = types.SimpleNamespace(
+        cr_code=types.SimpleNamespace(
+            co_filename=os.path.join("site-packages", "orbax", "checkpoint", "serialization.py")
+        )
+    )
+    other = types.SimpleNamespace(cr_code=types.SimpleNamespace(co_filename=__file__))
+    error = Exception("Encountered error while reading array index")
+    assert checkpointing.is_failed_read_aftermath(error, orbax_read)
+    assert checkpointing.is_failed_read_aftermath(RuntimeError("Event loop is closed"), None)
+    assert not checkpointing.is_failed_read_aftermath(error, other)
+    assert not checkpointing.is_failed_read_aftermath(RuntimeError("another failure"), None)
+
+
+def test_when_no_checkpoint_can_be_read_none_is_moved_and_all_are_named(reference, tmp_path):
+    workdir = tmp_path / "all_corrupt"
+    shutil.copytree(reference, workdir)
+    checkpoints = workdir / "checkpoints"
+    for step in (2, 4, 6):
+        _largest_array_file(checkpoints / str(step)).unlink()
+    ckpt = checkpointing.Checkpoints(workdir, writer=True)
+    with pytest.raises(checkpointing.CorruptCheckpointError) as error:
+        ckpt.restore_latest(_restore(reference, 2))
+    ckpt.close()
+    for step in (2, 4, 6):
+        assert f"{checkpoints / str(step)} cannot be read" in str(error.value)
+    assert "to start from scratch, or use another --workdir" in str(error.value)
+    assert _checkpoint_steps(workdir) == [2, 4, 6]
+    assert not [p for p in checkpoints.iterdir() if p.name.startswith("corrupt-")]
