@@ -1,9 +1,10 @@
 """Dense extraction strategies on one trained checkpoint: decoder evaluations, seconds, agreement, Dice.
 
   python -m benchmarks.inference --workdir runs/demo [--cases 8]
-Runs 'dense', 'band' (unseeded and seeded) and 'octree' (unseeded and seeded, margins 0 and 1) on the
+Runs 'dense', 'band' (unseeded and seeded) and 'octree' (unseeded and seeded; margins 0 and 1; growth
+checks off, 6- and 26-connected) on the
 same validation cases of the workdir's dataset at the checkpoint's grid (data.grid_shape), and writes
-benchmarks/results/inference.json, a list of rows {"strategy", "seeded", "margin", "case",
+benchmarks/results/inference.json, a list of rows {"strategy", "seeded", "margin", "grow", "case",
 "decoder_points", "seconds", "disagreement", "dice"} (disagreement: the fraction of grid voxels whose
 label differs from 'dense'; dice: against the label, on the padded grid), and
 benchmarks/results/inference.md with the mean per strategy. Seconds include the encoder pass and
@@ -20,34 +21,35 @@ import numpy as np
 from ossnet_jax import evaluation, files, reporting
 from ossnet_jax.data import dataset
 
-VARIANTS = (
-    ("dense", False, None),
-    ("band", False, None),
-    ("band", True, None),
-    ("octree", False, 0),
-    ("octree", True, 0),
-    ("octree", False, 1),
-    ("octree", True, 1),
+VARIANTS = (  # strategy, seeded, octree margin, octree growth connectivity
+    ("dense", False, None, None),
+    ("band", False, None, None),
+    ("band", True, None, None),
+    ("octree", False, 0, 6),
+    ("octree", True, 0, 6),
+    ("octree", True, 0, 0),
+    ("octree", True, 0, 26),
+    ("octree", True, 1, 6),
 )
 
 
 def _table(rows: list[dict], grid_voxels: int) -> str:
     lines = [
-        "| strategy | seeded | margin | decoder evaluations | share of grid | seconds | "
+        "| strategy | seeded | margin | grow | decoder evaluations | share of grid | seconds | "
         "disagreement with dense | Dice |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for strategy, seeded, margin in VARIANTS:
+    for variant in VARIANTS:
+        strategy, seeded, margin, grow = variant
         chosen = [
-            r
-            for r in rows
-            if (r["strategy"], r["seeded"], r["margin"]) == (strategy, seeded, margin)
+            r for r in rows if (r["strategy"], r["seeded"], r["margin"], r["grow"]) == variant
         ]
         if not chosen:
             continue
         mean = lambda key: float(np.mean([r[key] for r in chosen]))
         lines.append(
             f"| {strategy} | {seeded} | {'' if margin is None else margin} | "
+            f"{'' if grow is None else grow} | "
             f"{mean('decoder_points'):.0f} | {100 * mean('decoder_points') / grid_voxels:.2f}% | "
             f"{mean('seconds'):.2f} | {100 * mean('disagreement'):.4f}% | {mean('dice'):.4f} |"
         )
@@ -66,18 +68,18 @@ def main() -> None:
     cases = cases[: args.cases]
     predictor, step = evaluation.restore_predictor(config, args.workdir)
     spec = predictor.spec
-    predictor.predict(np.asarray(cases[0].image))  # compile encoder and decoder
+    predictor.compile(np.asarray(cases[0].image))
     grid = tuple(config.data.grid_shape)
     rows = []
     for case in cases:
         image = np.asarray(case.image)
         target = np.asarray(spec.values)[np.asarray(case.target)]
         reference = None
-        for strategy, seeded, margin in VARIANTS:
+        for strategy, seeded, margin, grow in VARIANTS:
             ev = ml_collections.ConfigDict(config.eval.to_dict())
             ev.strategy, ev.seeded = strategy, seeded
             if margin is not None:
-                ev.octree_margin = margin
+                ev.octree_margin, ev.octree_grow = margin, grow
             start = time.perf_counter()
             labels, evaluations = predictor.predict(image, ev)
             seconds = time.perf_counter() - start
@@ -88,6 +90,7 @@ def main() -> None:
                     "strategy": strategy,
                     "seeded": seeded,
                     "margin": margin,
+                    "grow": grow,
                     "case": case.id,
                     "decoder_points": int(evaluations),
                     "seconds": round(seconds, 3),
@@ -96,7 +99,7 @@ def main() -> None:
                 }
             )
             print(
-                f"{case.id} {strategy:<6} seeded={seeded!s:<5} margin={margin!s:<4} "
+                f"{case.id} {strategy:<6} seeded={seeded!s:<5} margin={margin!s:<4} grow={grow!s:<4} "
                 f"{evaluations:>7} points {seconds:6.2f} s "
                 f"disagreement {100 * rows[-1]['disagreement']:.4f}% Dice {rows[-1]['dice']:.4f}"
             )

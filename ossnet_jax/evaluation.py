@@ -91,10 +91,17 @@ class Predictor:
         self.encode = jax.jit(functools.partial(_encode, model=model, config=config))
         self.decode = jax.jit(functools.partial(_decode, model=model, config=config))
 
-    def decode_all(self, latents, source, locations: np.ndarray) -> np.ndarray:
-        """Probabilities (M[, O]) of (M, 3) locations, in padded batches of eval.batch_points."""
+    @property
+    def batch_sizes(self) -> tuple[int, int]:
+        """(eval.batch_points, 1/8 of it): the two compiled decoder sizes; small queries use the small one."""
         size = self.config.eval.batch_points
+        return size, max(size // 8, 1)
+
+    def decode_all(self, latents, source, locations: np.ndarray) -> np.ndarray:
+        """Probabilities (M[, O]) of (M, 3) locations, in padded batches of one of `batch_sizes`."""
+        large, small = self.batch_sizes
         m = len(locations)
+        size = small if m <= small else large
         padded = np.zeros((-(-m // size) * size, 3), np.int32)
         padded[:m] = locations
         outs = [
@@ -104,9 +111,10 @@ class Predictor:
         return np.concatenate([np.asarray(o) for o in outs])[:m]
 
     def compile(self, image: np.ndarray) -> None:
-        """Compiles encoder and decoder for this image shape (one encode, one decoder batch)."""
+        """Compiles encoder and decoder for this image shape (one encode, one batch of each size)."""
         latents, _, source = self.encode(self.variables, jnp.asarray(image))
-        self.decode_all(latents, source, np.zeros((1, 3), np.int32))
+        for size in self.batch_sizes:
+            self.decode_all(latents, source, np.zeros((size, 3), np.int32))
 
     def predict(
         self, image: np.ndarray, ev: Optional[ml_collections.ConfigDict] = None
@@ -160,7 +168,13 @@ def extract(
         region = None
         if seed is not None:
             region = ndimage.maximum_filter(seed, size=2 * stride + 1, mode="constant")
-        octree = OctreeRefinement(grid_shape, stride, ev.get("octree_margin", 1), region=region)
+        octree = OctreeRefinement(
+            grid_shape,
+            stride,
+            ev.get("octree_margin", 0),
+            region=region,
+            grow_connectivity=ev.get("octree_grow", 6),
+        )
         while not octree.done:
             octree.update(spec.decide(decode(octree.query()), ev.threshold)[1])
         return octree.to_labels(), octree.num_evaluated

@@ -159,3 +159,11 @@ def test_predictor_batches_equal_direct_application_on_every_voxel(trained):
     logits, _ = model.apply(predictor.variables, low, jnp.asarray(locs)[None], patches, train=False)
     direct = (jax.nn.sigmoid(logits[0]) > config.eval.threshold).reshape(grid.shape)
     np.testing.assert_array_equal(grid, np.asarray(direct))
+    latents, _, source = predictor.encode(predictor.variables, jnp.asarray(image))
+    some = locs[::131][:100]  # fewer than 1000 // 8: the small compiled batch size, padded
+    np.testing.assert_allclose(
+        predictor.decode_all(latents, source, some),
+        np.asarray(jax.nn.sigmoid(logits[0]))[::131][:100],
+        rtol=1e-5,
+        atol=1e-6,
+    )

@@ -60,6 +60,8 @@ class OctreeRefinement:
             is found even if it slips between coarse lattice points.
         region: optional bool grid (X, Y, Z), e.g. the encoder's segmentation dilated: level-0 lattice
             points outside it are taken as background without evaluation (seeded extraction).
+        grow_connectivity: after each batch, filled points with an evaluated 6- or 26-neighbour of
+            another label are evaluated too, repeatedly (0: never).
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class OctreeRefinement:
         margin: int = 1,
         uncertain: np.ndarray | None = None,
         region: np.ndarray | None = None,
+        grow_connectivity: int = 26,
     ) -> None:
         if coarse_stride < 1 or coarse_stride & (coarse_stride - 1):
             raise ValueError(f"coarse_stride must be a power of two, got {coarse_stride}")
@@ -88,6 +91,9 @@ class OctreeRefinement:
                     f"uncertain mask shape {np.shape(uncertain)} != grid {self._shape}"
                 )
             self._uncertain[inside] = np.asarray(uncertain, bool)
+        if grow_connectivity not in (0, 6, 26):
+            raise ValueError(f"grow_connectivity must be 0, 6 or 26, got {grow_connectivity}")
+        self._grow_connectivity = grow_connectivity
         self._stride = coarse_stride
         self._margin = margin
         self._values = np.zeros(extent, np.int32)
@@ -133,7 +139,7 @@ class OctreeRefinement:
         self._known[idx] = True
         self._evaluated[idx] = True
         self._count += len(self._pending)
-        if self._grow():
+        if self._grow_connectivity and self._grow():
             return
         self._advance()
 
@@ -151,7 +157,7 @@ class OctreeRefinement:
         check = np.zeros(values.shape, bool)
         n = values.shape
         for d in itertools.product((-1, 0, 1), repeat=3):
-            if d == (0, 0, 0):
+            if d == (0, 0, 0) or (self._grow_connectivity == 6 and sum(map(abs, d)) != 1):
                 continue
             here = tuple(slice(max(-k, 0), m - max(k, 0)) for k, m in zip(d, n))
             there = tuple(slice(max(k, 0), m - max(-k, 0)) for k, m in zip(d, n))
