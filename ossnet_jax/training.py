@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from ossnet_jax import checkpointing, evaluation, files, losses, metrics
+from ossnet_jax import checkpointing, evaluation, files, losses, metrics, parallel
 from ossnet_jax.data import augment, dataset, labels, sampling
 from ossnet_jax.data.prefetch import Prefetcher
 from ossnet_jax.models.oss_net import OSSNet, build_model
@@ -340,6 +340,8 @@ def _train(
         ckpt.copies_to_fit(),
     )
     files.write_json(workdir / "config.json", json.loads(config.to_json()))
+    mesh = parallel.data_mesh(t.batch_size)  # None on one device: nothing changes
+    state = parallel.replicate(state, mesh)
     step_fn = jax.jit(
         functools.partial(train_step, model=model, tx=tx, config=config), donate_argnums=0
     )
@@ -353,7 +355,9 @@ def _train(
     tick, wait = time.perf_counter(), 0.0
     nonfinite = 0  # consecutive skipped updates
     with (
-        Prefetcher(lambda s: dataset.stack_batch(cases_of(s)), start, t.steps) as batches,
+        Prefetcher(
+            lambda s: parallel.shard_batch(dataset.stack_batch(cases_of(s)), mesh), start, t.steps
+        ) as batches,
         tqdm(total=t.steps, initial=start, desc="train", dynamic_ncols=True) as bar,
         open(log_path, "a") as log,
         _stop_requests() as stop,
