@@ -12,13 +12,16 @@ eval/metrics.csv (one row per case), eval/meshes/<id>_{prediction,label}.{ply,ob
 eval/pictures/<id>_{slices,mesh}.png, eval/dice.png, and eval/predictions/<id>.nii.gz:
 a label map in label values (binary: 0/1; BraTS regions: 0/1/2/4) with the input file's shape, affine
 and voxel order, so it opens aligned on the image in ITK-SNAP or 3D Slicer.
+
+The same files are written for every model family (families.py): for the U-Nets "decoder_points" counts
+the voxels the network produced (sliding windows: window voxels x windows; 2D: the grid).
 """
 
 import functools
 import json
 import pathlib
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -27,11 +30,11 @@ import numpy as np
 from scipy import ndimage
 
 from configs import base
-from ossnet_jax import checkpointing, files, outputs, postprocess, reporting, train_state
+from ossnet_jax import checkpointing, families, files, outputs, postprocess, reporting, train_state
 from ossnet_jax.data import dataset, labels, nifti
 from ossnet_jax.inference.mise import OctreeRefinement
 from ossnet_jax.inference.octree import BandRefinement, seed_from_segmentation
-from ossnet_jax.models.oss_net import OSSNet, build_model, downscale, observe, patch_source
+from ossnet_jax.models.oss_net import OSSNet, downscale, observe, patch_source
 
 
 def _merged(defaults: dict, saved: dict) -> dict:
@@ -190,15 +193,17 @@ def extract(
 
 def restore_predictor(
     config: ml_collections.ConfigDict, workdir: str | pathlib.Path, step: Optional[int] = None
-) -> tuple[Predictor, int]:
-    """A Predictor with the slow (Lookahead) parameters of the best (or given) checkpoint, and its step.
+) -> tuple[Any, int]:
+    """The predictor of the config's model family (Predictor for OSS-Net, UNetPredictor for U-Nets)
+    with the slow (Lookahead) parameters of the best (or given) checkpoint, and its step.
 
     If the best checkpoint cannot be read, the newest readable one is used and the corrupt one named;
     a given step that cannot be read raises checkpointing.CorruptCheckpointError naming it.
     """
-    model = build_model(config)
+    family = families.get_family(config)
+    model = family.build_model(config)
     template = jax.eval_shape(  # shapes and dtypes only: nothing to initialise or compile
-        lambda: train_state.init_state(
+        lambda: family.init_state(
             config, model, train_state.make_optimizer(config), jax.random.key(0)
         )
     )
@@ -211,7 +216,7 @@ def restore_predictor(
     finally:
         ckpt.close()
     variables = {"params": state.params.slow, "batch_stats": state.batch_stats}
-    return Predictor(config, model, variables), step
+    return family.predictor(config, model, variables), step
 
 
 def _label_dtype(values: tuple[int, ...]) -> type:

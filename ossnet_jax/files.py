@@ -40,3 +40,15 @@ def ensure_writable_dir(path: str | os.PathLike) -> None:
             f"cannot write to {path.absolute()}: {error.strerror or error}; "
             "choose a writable --workdir or fix its permissions"
         ) from error
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Writes `data` to `path` atomically; creates the parent folder."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,4 +1,5 @@
-"""Losses of the official recipe: BCE at the sampled locations plus a weighted BCE of the segmentation head.
+"""Losses: the official OSS-Net recipe (BCE at the sampled locations plus a weighted BCE of the
+segmentation head) and the U-Nets' dense Dice + cross-entropy.
 
 The point loss of the other label modes lives with them in data/labels.py (LabelSpec.point_loss).
 """
@@ -6,6 +7,12 @@ The point loss of the other label modes lives with them in data/labels.py (Label
 import jax
 import jax.numpy as jnp
 import optax
+
+from ossnet_jax.data.labels import LabelSpec
+
+DICE_SMOOTHING = (
+    1.0  # voxels added to numerator and denominator: an empty channel scores 1, not 0/0
+)
 
 
 def bce(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -22,3 +29,43 @@ def max_pool_target(target: jax.Array, out_shape: tuple[int, int, int]) -> jax.A
     fx, fy, fz = x // out_shape[0], y // out_shape[1], z // out_shape[2]
     cells = target.reshape(b, out_shape[0], fx, out_shape[1], fy, out_shape[2], fz, *rest)
     return cells.max(axis=(2, 4, 6))
+
+
+def soft_dice_loss(probs: jax.Array, masks: jax.Array) -> jax.Array:
+    """1 - mean over channels of the soft Dice of probabilities against 0/1 masks, both (..., R).
+
+    Sums run over every other axis (the batch included, "batch Dice"), so a crop or slice without
+    foreground does not dominate the loss. float32 scalar.
+    """
+    probs = probs.astype(jnp.float32)
+    masks = masks.astype(jnp.float32)
+    axes = tuple(range(probs.ndim - 1))
+    overlap = jnp.sum(probs * masks, axis=axes)
+    total = jnp.sum(probs, axis=axes) + jnp.sum(masks, axis=axes)
+    return 1.0 - jnp.mean((2.0 * overlap + DICE_SMOOTHING) / (total + DICE_SMOOTHING))
+
+
+def dice_ce_loss(
+    spec: LabelSpec,
+    logits: jax.Array,
+    index: jax.Array,
+    dice_weight: float,
+    ce_weight: float,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Dense loss of a U-Net: dice_weight x soft Dice + ce_weight x cross-entropy.
+
+    Args:
+      spec: the label mode; cross-entropy is LabelSpec.point_loss (softmax CE for 'multiclass',
+        sigmoid BCE per channel otherwise), Dice runs over the R label channels (for 'multiclass'
+        the softmax probabilities of the non-background classes).
+      logits: (..., O) per voxel; O = spec.num_outputs.
+      index: (...) class indices into data.labels.
+    Returns:
+      (loss, cross-entropy, Dice loss), float32 scalars.
+    """
+    probs = spec.probabilities(logits)
+    if spec.mode == "multiclass":
+        probs = probs[..., 1:]
+    ce = spec.point_loss(logits[..., 0] if spec.mode == "binary" else logits, index)
+    dice = soft_dice_loss(probs, spec.channel_masks(index))
+    return dice_weight * dice + ce_weight * ce, ce, dice

@@ -91,6 +91,11 @@ def init_state(
         else None
     )
     variables = model.init({"params": rng}, low, locs, patches, train=False)
+    return state_from_variables(variables, tx)
+
+
+def state_from_variables(variables: dict, tx: optax.GradientTransformation) -> TrainState:
+    """Step 0 of freshly initialised {'params'[, 'batch_stats']}: slow = fast, optimizer state new."""
     params = optax.LookaheadParams.init_synced(variables["params"])
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -101,3 +106,28 @@ def init_state(
     return jax.tree.map(
         jnp.copy, state
     )  # distinct buffers (fast and slow start equal), so it can be donated
+
+
+def guarded_update(
+    state: TrainState,
+    grads: Any,
+    loss: jax.Array,
+    batch_stats: Any,
+    tx: optax.GradientTransformation,
+) -> tuple[TrainState, jax.Array]:
+    """Applies gradients of the fast parameters unless the loss or a gradient is NaN/Inf.
+
+    A skipped update returns the input state bitwise (parameters, batch_stats, opt_state) with only
+    `step` incremented. Returns (new state, skipped () int32: 1 for a skipped update).
+    """
+    finite = jnp.isfinite(loss) & jnp.all(
+        jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+    )
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updated = state.replace(
+        params=optax.apply_updates(state.params, updates),
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+    )
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+    return new_state.replace(step=state.step + 1), jnp.logical_not(finite).astype(jnp.int32)

@@ -24,11 +24,11 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from ossnet_jax import checkpointing, evaluation, files, losses, metrics, parallel
+from ossnet_jax import checkpointing, evaluation, families, files, losses, metrics, parallel
 from ossnet_jax.data import augment, dataset, labels, sampling
 from ossnet_jax.data.prefetch import Prefetcher
-from ossnet_jax.models.oss_net import OSSNet, build_model
-from ossnet_jax.train_state import TrainState, init_state, lr_schedule, make_optimizer, model_inputs
+from ossnet_jax.models.oss_net import OSSNet
+from ossnet_jax.train_state import TrainState, lr_schedule, make_optimizer, model_inputs
 
 
 def train_step(
@@ -137,6 +137,8 @@ def point_eval_step(
 
 class PointValidator:
     """Validation Dice/IoU at fixed sampled locations of each validation case (logged while training)."""
+
+    scope = "sampled locations"  # where val_dice is measured, for the log line
 
     def __init__(self, cases: list, config: ml_collections.ConfigDict, model: OSSNet):
         self.cases = cases
@@ -327,9 +329,10 @@ def _train(
     """The host loop of train_and_evaluate from step `start` to train.steps on (train, val) cases."""
     train_cases, val_cases = cases
     t = config.train
-    model = build_model(config)
+    family = families.get_family(config)
+    model = family.build_model(config)
     tx = make_optimizer(config)
-    state = init_state(config, model, tx, jax.random.key(t.seed))
+    state = family.init_state(config, model, tx, jax.random.key(t.seed))
     if start:
         start, state = ckpt.restore_latest(state)
         print(f"resuming from step {start} of {workdir / 'checkpoints'}")
@@ -343,9 +346,9 @@ def _train(
     mesh = parallel.data_mesh(t.batch_size)  # None on one device: nothing changes
     state = parallel.replicate(state, mesh)
     step_fn = jax.jit(
-        functools.partial(train_step, model=model, tx=tx, config=config), donate_argnums=0
+        functools.partial(family.train_step, model=model, tx=tx, config=config), donate_argnums=0
     )
-    validate = PointValidator(val_cases, config, model) if val_cases else None
+    validate = family.validator(val_cases, config, model) if val_cases else None
     rng = jax.random.key(t.seed)
     cases_of = lambda s: [
         train_cases[i] for i in dataset.case_indices(s, t.batch_size, len(train_cases), t.seed)
@@ -390,11 +393,10 @@ def _train(
                 record = {
                     "step": done,
                     "loss": float(out["loss"]),
-                    "point_loss": float(out["point_loss"]),
-                    "seg_loss": float(out["seg_loss"]),
+                    **{k: float(v) for k, v in out.items() if k.endswith("_loss")},
                     "learning_rate": float(out["learning_rate"]),
                     "dice": metrics.channel_mean(out, metrics.dice_from_counts),
-                    "points_per_s": t.batch_size * t.num_points * (done - bar.n) / elapsed,
+                    "points_per_s": family.outputs_per_step(config) * (done - bar.n) / elapsed,
                     "input_wait_fraction": wait / elapsed,
                 }
                 log.write(json.dumps(record) + "\n")
@@ -412,7 +414,7 @@ def _train(
                 log.flush()
                 tqdm.write(
                     f"step {done}: validation Dice {val['val_dice']:.4f} IoU {val['val_iou']:.4f}"
-                    " (sampled locations)"
+                    f" ({validate.scope})"
                 )
             periodic = val is not None or done % t.checkpoint_every == 0
             # read once: a signal arriving after this line is handled after the next step

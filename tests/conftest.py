@@ -1,5 +1,6 @@
-"""Shared fixtures: a tiny OSS-Net configuration and a tiny synthetic BraTS dataset on disk."""
+"""Shared fixtures: tiny OSS-Net and U-Net configurations and a tiny synthetic BraTS dataset on disk."""
 
+import importlib
 import pathlib
 
 import ml_collections
@@ -32,6 +33,22 @@ def tiny_config(root: pathlib.Path, **model) -> ml_collections.ConfigDict:
     config.train.eval_every = 2
     config.train.checkpoint_every = 2
     config.eval.batch_points = 1024
+    return config
+
+
+def tiny_unet_config(root: pathlib.Path, name: str) -> ml_collections.ConfigDict:
+    """configs/<name>.py ('unet3d' | 'unet2d') on tiny_config's data and schedule, widths (4, 8)."""
+    tiny = tiny_config(root)
+    config = importlib.import_module(f"configs.{name}").get_config("small")
+    config.data = tiny.data
+    config.data.downscale = 1
+    for key in ("steps", "batch_size", "log_every", "eval_every", "checkpoint_every"):
+        config.train[key] = tiny.train[key]
+    config.model.channels = (4, 8)
+    if name == "unet3d":
+        config.train.crop_shape = (16, 16, 16)
+    else:
+        config.train.slices_per_volume = 2
     return config
 
 
