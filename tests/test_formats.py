@@ -185,6 +185,7 @@ def test_train_and_evaluate_on_each_layout(name, request, tmp_path):
     if regions:
         config.data.region_labels = regions
     config.train.steps = 2
+    config.model.activation = "relu"  # compiles faster; the layouts are what is tested
     if mode == "binary":  # also: the octree strategy, checked against dense evaluation
         config.eval.strategy = "octree"
         config.eval.compare_dense = True
