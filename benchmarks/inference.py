@@ -1,12 +1,13 @@
 """Dense extraction strategies on one trained checkpoint: decoder evaluations, seconds, agreement, Dice.
 
   python -m benchmarks.inference --workdir runs/demo [--cases 8]
-Runs 'dense', 'band' (unseeded and seeded) and 'octree' (unseeded and seeded; margins 0 and 1; growth
-checks off, 6- and 26-connected) on the
-same validation cases of the workdir's dataset at the checkpoint's grid (data.grid_shape), and writes
-benchmarks/results/inference.json, a list of rows {"strategy", "seeded", "margin", "grow", "case",
-"decoder_points", "seconds", "disagreement", "dice"} (disagreement: the fraction of grid voxels whose
-label differs from 'dense'; dice: against the label, on the padded grid), and
+Runs 'dense', 'band' (unseeded and seeded) and 'octree' (unseeded and seeded; exact with margins 0
+and 1 and growth checks off, 6- and 26-connected; and evaluating down to stride 2 with cubic
+interpolation of the logits below, with and without the confidence gate on stride 2) on the same
+validation cases of the workdir's dataset at the checkpoint's grid (data.grid_shape), and writes
+benchmarks/results/inference.json, a list of rows {"strategy", "seeded", "margin", "grow", "finest",
+"confident", "case", "decoder_points", "seconds", "disagreement", "dice"} (disagreement: the fraction
+of grid voxels whose label differs from 'dense'; dice: against the label, on the padded grid), and
 benchmarks/results/inference.md with the mean per strategy. Seconds include the encoder pass and
 exclude compilation (one warm-up case first).
 """
@@ -21,35 +22,37 @@ import numpy as np
 from ossnet_jax import evaluation, files, reporting
 from ossnet_jax.data import dataset
 
-VARIANTS = (  # strategy, seeded, octree margin, octree growth connectivity
-    ("dense", False, None, None),
-    ("band", False, None, None),
-    ("band", True, None, None),
-    ("octree", False, 0, 6),
-    ("octree", True, 0, 6),
-    ("octree", True, 0, 0),
-    ("octree", True, 0, 26),
-    ("octree", True, 1, 6),
+VARIANTS = (  # strategy, seeded, octree margin, growth connectivity, finest stride, confident
+    ("dense", False, None, None, None, None),
+    ("band", False, None, None, None, None),
+    ("band", True, None, None, None, None),
+    ("octree", False, 0, 6, 1, 0.0),
+    ("octree", True, 0, 6, 1, 0.0),
+    ("octree", True, 0, 0, 1, 0.0),
+    ("octree", True, 0, 26, 1, 0.0),
+    ("octree", True, 1, 6, 1, 0.0),
+    ("octree", True, 0, 6, 2, 0.0),
+    ("octree", True, 0, 6, 2, 2.0),  # the defaults of configs/base.py
 )
+KEYS = ("strategy", "seeded", "margin", "grow", "finest", "confident")
 
 
 def _table(rows: list[dict], grid_voxels: int) -> str:
     lines = [
-        "| strategy | seeded | margin | grow | decoder evaluations | share of grid | seconds | "
-        "disagreement with dense | Dice |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| strategy | seeded | margin | grow | finest | confident | decoder evaluations | "
+        "share of grid | seconds | disagreement with dense | Dice |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for variant in VARIANTS:
-        strategy, seeded, margin, grow = variant
-        chosen = [
-            r for r in rows if (r["strategy"], r["seeded"], r["margin"], r["grow"]) == variant
-        ]
+        strategy, seeded, margin, grow, finest, confident = variant
+        chosen = [r for r in rows if tuple(r[k] for k in KEYS) == variant]
         if not chosen:
             continue
         mean = lambda key: float(np.mean([r[key] for r in chosen]))
         lines.append(
             f"| {strategy} | {seeded} | {'' if margin is None else margin} | "
-            f"{'' if grow is None else grow} | "
+            f"{'' if grow is None else grow} | {'' if finest is None else finest} | "
+            f"{'' if confident is None else confident} | "
             f"{mean('decoder_points'):.0f} | {100 * mean('decoder_points') / grid_voxels:.2f}% | "
             f"{mean('seconds'):.2f} | {100 * mean('disagreement'):.4f}% | {mean('dice'):.4f} |"
         )
@@ -75,11 +78,13 @@ def main() -> None:
         image = np.asarray(case.image)
         target = np.asarray(spec.values)[np.asarray(case.target)]
         reference = None
-        for strategy, seeded, margin, grow in VARIANTS:
+        for strategy, seeded, margin, grow, finest, confident in VARIANTS:
             ev = ml_collections.ConfigDict(config.eval.to_dict())
             ev.strategy, ev.seeded = strategy, seeded
             if margin is not None:
                 ev.octree_margin, ev.octree_grow = margin, grow
+                ev.octree_finest, ev.octree_confident = finest, confident
+                ev.octree_interpolation = "cubic"
             start = time.perf_counter()
             labels, evaluations = predictor.predict(image, ev)
             seconds = time.perf_counter() - start
@@ -91,6 +96,8 @@ def main() -> None:
                     "seeded": seeded,
                     "margin": margin,
                     "grow": grow,
+                    "finest": finest,
+                    "confident": confident,
                     "case": case.id,
                     "decoder_points": int(evaluations),
                     "seconds": round(seconds, 3),
@@ -100,6 +107,7 @@ def main() -> None:
             )
             print(
                 f"{case.id} {strategy:<6} seeded={seeded!s:<5} margin={margin!s:<4} grow={grow!s:<4} "
+                f"finest={finest!s:<4} confident={confident!s:<4} "
                 f"{evaluations:>7} points {seconds:6.2f} s "
                 f"disagreement {100 * rows[-1]['disagreement']:.4f}% Dice {rows[-1]['dice']:.4f}"
             )

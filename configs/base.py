@@ -93,6 +93,11 @@ def get_base_config(preset: str = "brats") -> ml_collections.ConfigDict:
     ev.octree_stride = 8  # 'octree': coarse lattice stride, a power of two
     ev.octree_margin = 0  # 'octree': also evaluate this many lattice steps around disagreements
     ev.octree_grow = 6  # 'octree': check filled points next to an evaluated other label (0, 6, 26)
+    ev.octree_finest = (
+        2  # 'octree': finest stride evaluated; finer points interpolate logits (1: exact)
+    )
+    ev.octree_interpolation = "cubic"  # 'octree': of the logits, 'linear' | 'cubic' (Catmull-Rom)
+    ev.octree_confident = 2.0  # 'octree': on the finest stride, keep interpolated labels with |logit| >= this (0: off)
     ev.compare_dense = False  # also run 'dense' and report each case's voxel disagreement
     ev.min_component_voxels = 0  # > 0: drop foreground components smaller (official mesh: 12**3)
     ev.component_connectivity = 6  # 6 (scipy's default, as the official release), 18 or 26

@@ -156,7 +156,9 @@ def extract(
                first stage only visits voxels the encoder marks.
       'octree' multiresolution surface extraction (inference/mise.py) on the label values: refines where
                any output changes, fills agreeing elements without evaluating them; seeded, its coarse
-               lattice only covers the encoder's segmentation dilated by one coarse step.
+               lattice only covers the encoder's segmentation dilated by one coarse step. With
+               eval.octree_finest F > 1 the decoder stops at stride F and finer points where labels
+               change are decided from logits interpolated trilinearly between evaluated points.
     """
     if ev.strategy not in STRATEGIES:
         raise ValueError(f"eval.strategy must be one of {STRATEGIES}, got {ev.strategy!r}")
@@ -171,15 +173,25 @@ def extract(
         region = None
         if seed is not None:
             region = ndimage.maximum_filter(seed, size=2 * stride + 1, mode="constant")
+        finest = ev.get("octree_finest", 1)
         octree = OctreeRefinement(
             grid_shape,
             stride,
             ev.get("octree_margin", 0),
             region=region,
             grow_connectivity=ev.get("octree_grow", 6),
+            finest_stride=finest,
+            confident=ev.get("octree_confident", 0.0) or None,
+            cubic=ev.get("octree_interpolation", "linear") == "cubic",
+            background=_logits(spec, _background_probabilities(spec))[0],
+            decide=lambda scores: (
+                spec.decide(_probabilities(spec, scores), ev.threshold)[1],
+                _confidence(spec, scores),
+            ),
         )
         while not octree.done:
-            octree.update(spec.decide(decode(octree.query()), ev.threshold)[1])
+            probs = decode(octree.query())
+            octree.update(spec.decide(probs, ev.threshold)[1], _logits(spec, probs))
         return octree.to_labels(), octree.num_evaluated
     refinement = BandRefinement(grid_shape, tuple(ev.strides), ev.threshold, seed)
     values = np.zeros(grid_shape, np.int32)
@@ -189,6 +201,49 @@ def extract(
         values[tuple(query.T)] = value
         refinement.update(score)
     return np.where(refinement.to_dense(), values, 0), refinement.num_evaluated
+
+
+# Recovered logits are clipped to +-16.6 (probabilities to [2^-24, 1 - 2^-24]): float32 sigmoid
+# outputs saturate at 1 above that, and clipping both signs alike keeps interpolation unbiased.
+_LOGIT_LIMIT = 24 * np.log(2.0)
+
+
+def _logits(spec: labels.LabelSpec, probs: np.ndarray) -> np.ndarray:
+    """Scores (M, O) float32 that interpolate linearly: the network's logits, recovered from sigmoid
+    outputs, or for softmax outputs log p_k - log p_0 (its logits less the background's)."""
+    p = np.clip(np.asarray(probs, np.float64), 1e-300, 1.0).reshape(len(probs), -1)
+    if spec.mode == "multiclass":
+        logits = np.log(p) - np.log(p[:, :1])
+    else:
+        logits = np.log(p) - np.log1p(-np.minimum(p, 1.0 - 2.0**-53))
+    return np.clip(logits, -_LOGIT_LIMIT, _LOGIT_LIMIT).astype(np.float32)
+
+
+def _probabilities(spec: labels.LabelSpec, scores: np.ndarray) -> np.ndarray:
+    """Inverse of `_logits` for M interpolated points: probabilities (M[, O]) as `decode` returns them."""
+    scores = np.asarray(scores, np.float64)
+    if spec.mode == "multiclass":
+        e = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+    probs = (1.0 / (1.0 + np.exp(-scores))).astype(np.float32)
+    return probs[:, 0] if spec.mode == "binary" else probs
+
+
+def _background_probabilities(spec: labels.LabelSpec) -> np.ndarray:
+    """(1[, O]) probabilities of a location that is certainly background."""
+    if spec.mode == "multiclass":
+        return np.eye(spec.num_outputs, dtype=np.float32)[:1]
+    return np.zeros((1, spec.num_outputs) if spec.mode != "binary" else (1,), np.float32)
+
+
+def _confidence(spec: labels.LabelSpec, scores: np.ndarray) -> np.ndarray:
+    """(M,) how far interpolated scores (M, O) are from changing the label: the smallest |logit| of
+    the sigmoid outputs, or the gap between the two largest log-probabilities (multiclass)."""
+    scores = np.asarray(scores, np.float32)
+    if spec.mode == "multiclass":
+        top = np.sort(scores, axis=-1)
+        return top[:, -1] - top[:, -2]
+    return np.abs(scores).min(axis=-1)
 
 
 def restore_predictor(

@@ -134,9 +134,43 @@ def test_every_strategy_in_every_mode_equals_dense_evaluation(mode):
     everything = np.argwhere(np.ones(grid, bool)).astype(np.int32)
     dense = spec.decide(decode(everything), 0.5)[1].reshape(grid)
     ev = base.get_base_config("small").eval
+    ev.octree_finest, ev.octree_confident = 1, 0.0  # exact octree: no interpolated labels
     for strategy in evaluation.STRATEGIES:
         ev.strategy = strategy
         refined, evaluations = evaluation.extract(decode, spec, grid, ev)
         np.testing.assert_array_equal(refined, dense, err_msg=strategy)
         assert set(np.unique(refined)) == ({0, 1} if mode == "binary" else {0, 1, 2, 4})
         assert evaluations < (1 if strategy == "dense" else 0.5) * np.prod(grid) + 1
+
+
+@pytest.mark.parametrize("mode", labels.MODES)
+def test_default_octree_interpolates_logits_close_to_dense_in_every_mode(mode):
+    spec = spec_for(mode)
+    grid = (40, 36, 32)
+    centre, radii = np.array([19.4, 17.7, 15.2]), np.array([13.0, 9.5, 6.0])
+
+    def decode(locations):  # smooth stand-in: logits 3 x signed distance to three nested spheres
+        distance = np.linalg.norm(locations - centre, axis=-1)[:, None]
+        inside = 1.0 / (1.0 + np.exp(-3.0 * (radii - distance)))  # (M, 3) region probabilities
+        if mode == "binary":
+            return inside[:, 0]
+        if mode == "brats_regions":
+            return inside
+        # multiclass over (0, 1, 2, 4): class k's logit sums the sphere logits up to its depth
+        depth = np.cumsum(1.5 * (radii - distance), axis=-1)  # oedema, necrotic core, enhancing
+        logits = np.concatenate([np.zeros((len(locations), 1)), depth], axis=-1)[:, [0, 2, 1, 3]]
+        e = np.exp(logits - logits.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    everything = np.argwhere(np.ones(grid, bool)).astype(np.int32)
+    dense = spec.decide(decode(everything), 0.5)[1].reshape(grid)
+    assert set(np.unique(dense)) == ({0, 1} if mode == "binary" else {0, 1, 2, 4})
+    ev = base.get_base_config("small").eval
+    ev.strategy = "octree"
+    refined, evaluations = evaluation.extract(decode, spec, grid, ev)
+    changes = sum(np.count_nonzero(np.diff(dense, axis=a)) for a in range(3))
+    assert np.count_nonzero(refined != dense) <= 0.05 * changes  # boundary voxels shift, no more
+    ev.octree_finest, ev.octree_confident = 1, 0.0
+    exact, exact_evaluations = evaluation.extract(decode, spec, grid, ev)
+    np.testing.assert_array_equal(exact, dense)
+    assert evaluations < 0.3 * exact_evaluations

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from ossnet_jax.inference.mise import OctreeRefinement
+from ossnet_jax.inference.mise import OctreeRefinement, upsample2
 
 
 def run(refinement: OctreeRefinement, labels_at) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -114,3 +114,83 @@ def test_bad_arguments():
     refinement = OctreeRefinement((8, 8, 8), 4)
     with pytest.raises(ValueError, match="shape"):
         refinement.update(np.zeros(3))
+
+
+def test_upsample2_linear_is_the_support_mean_and_cubic_is_exact_for_cubics():
+    rng = np.random.default_rng(0)
+    coarse = rng.normal(size=(4, 5, 3, 2))
+    fine = upsample2(coarse)
+    assert fine.shape == (7, 9, 5, 2)
+    for i, j, k in np.ndindex(*fine.shape[:3]):  # mean of the 1, 2, 4 or 8 corners (float64)
+        corners = [
+            coarse[a, b, c]
+            for a in {i // 2, (i + 1) // 2}
+            for b in {j // 2, (j + 1) // 2}
+            for c in {k // 2, (k + 1) // 2}
+        ]
+        np.testing.assert_allclose(fine[i, j, k], np.mean(corners, axis=0), rtol=1e-5, atol=1e-6)
+    # Catmull-Rom midpoints reproduce a cubic in each axis away from the clamped ends
+    x = np.arange(8.0)
+    poly = lambda t: 0.3 * t**3 - t**2 + 2 * t - 1
+    values = poly(x)[:, None, None] * poly(x)[None, :, None] * np.ones((1, 1, 2))
+    fine = upsample2(values, cubic=True)
+    t = np.arange(15) / 2.0
+    expected = poly(t)[:, None, None] * poly(t)[None, :, None] * np.ones((1, 1, 3))
+    np.testing.assert_allclose(fine[2:-2, 2:-2], expected[2:-2, 2:-2], rtol=1e-4)
+
+
+def _sdf_ball(centre, radius, slope=3.0):
+    """Labels and logits (slope x signed distance, positive inside) of a smooth analytic ball."""
+
+    def scores_at(q):
+        return slope * (radius - np.linalg.norm(q - np.asarray(centre), axis=-1))[:, None]
+
+    return scores_at
+
+
+def _decide(scores):
+    return (scores[:, 0] > 0).astype(np.int32), np.abs(scores[:, 0])
+
+
+@pytest.mark.parametrize("cubic, confident", [(False, None), (True, None), (True, 2.0)])
+def test_interpolated_finest_level_is_close_to_dense_at_a_fraction_of_the_cost(cubic, confident):
+    grid = (48, 44, 40)
+    scores_at = _sdf_ball((23.3, 21.6, 19.2), 13.7)
+    dense = (scores_at(np.argwhere(np.ones(grid, bool)))[:, 0] > 0).reshape(grid)
+    exact = OctreeRefinement(grid, 8, 0, grow_connectivity=6)
+    fast = OctreeRefinement(
+        grid,
+        8,
+        0,
+        grow_connectivity=6,
+        finest_stride=2,
+        confident=confident,
+        cubic=cubic,
+        background=np.array([-10.0]),
+        decide=_decide,
+    )
+    out, _ = run(exact, lambda q: _decide(scores_at(q))[0])
+    np.testing.assert_array_equal(out, dense)
+    queries = []
+    while not fast.done:
+        query = fast.query()
+        queries.append(query)
+        scores = scores_at(query)
+        fast.update(_decide(scores)[0], scores)
+    everything = np.concatenate(queries)
+    assert len(np.unique(everything, axis=0)) == len(everything) == fast.num_evaluated
+    assert (everything % 2 == 0).all()  # nothing finer than stride 2 is evaluated
+    assert fast.num_evaluated < (0.2 if confident else 0.3) * exact.num_evaluated
+    surface = np.count_nonzero(dense ^ ndimage.binary_erosion(dense))
+    wrong = np.count_nonzero(fast.to_labels() != dense)
+    assert wrong <= (0.02 if cubic else 0.06) * surface, (wrong, surface)
+
+
+def test_interpolation_needs_scores_and_a_decision():
+    with pytest.raises(ValueError, match="power of two <= coarse_stride"):
+        OctreeRefinement((8, 8, 8), 4, finest_stride=8, decide=_decide)
+    with pytest.raises(ValueError, match="needs `decide`"):
+        OctreeRefinement((8, 8, 8), 4, finest_stride=2)
+    refinement = OctreeRefinement((8, 8, 8), 4, finest_stride=2, decide=_decide)
+    with pytest.raises(ValueError, match="needs the scores"):
+        refinement.update(np.zeros(len(refinement.query()), np.int32))
