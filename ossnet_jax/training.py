@@ -298,8 +298,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (resuming from WORKDIR/checkpoints if present), then evaluates densely; returns eval metrics.
 
     data.labels / num_channels are first resolved from the dataset (MSD dataset.json), then every case
-    this process uses is read and preprocessed: a bad file raises DataError listing every bad case before
-    the workdir is touched. Resuming refuses (ValueError, before anything is written) a config whose model or data keys differ
+    this process uses is read and preprocessed: a bad file raises DataError listing every bad case
+    before the workdir is touched. Resuming refuses (ValueError, before anything is written) a config whose model or data keys differ
     from WORKDIR/config.json, unless train.allow_config_change; config.json is only overwritten once the
     checkpoint is restored. An update with a NaN/Inf loss or gradient
     is skipped (parameters unchanged) and logged as {"step", "skipped_nonfinite": 1} in metrics.jsonl;
@@ -339,7 +339,7 @@ def _process_cases(
     cases (on the primary; [] elsewhere) and whether the split has validation cases."""
     t = config.train
     train_split, val_split = dataset.split_cases(config)
-    validating = len(val_split)
+    validating = bool(val_split)
     process, processes = jax.process_index(), jax.process_count()
     shards = schedule.resolve_shards(t.case_shards, t.batch_size, len(train_split), processes)
     mine = schedule.process_cases(len(train_split), shards, process, processes)
@@ -358,7 +358,7 @@ def _process_cases(
         process,
         processes,
     )
-    return batches, prepared[len(mine) :], bool(validating)
+    return batches, prepared[len(mine) :], validating
 
 
 VAL_KEYS = ("val_dice", "val_iou")  # what a Family's validator returns

@@ -8,6 +8,7 @@ train.seed + k). With K = 1 this is exactly dataset.case_indices over the whole 
 Process p of P supplies the p-th contiguous block of B / P slots, which are the blocks of shards
 [p K / P, (p + 1) K / P), so it reads only those shards' cases. The global batch of a step depends on
 K, never on P: a single process with train.case_shards = K draws the batches a K-process run draws.
+Shards differ in size by at most one case; a case of a smaller shard is drawn slightly more often.
 """
 
 import dataclasses
