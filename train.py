@@ -4,6 +4,10 @@
   python train.py --config configs/oss_net_c.py:small --workdir runs/c --config.train.steps=300
 Rerunning the same command resumes from the latest checkpoint in WORKDIR/checkpoints. Ctrl-C (SIGINT)
 or SIGTERM saves a checkpoint of the current step and exits with status 130 or 143.
+
+Several processes (hosts): run the same command on each with --coordinator_address=HOST:PORT (process
+0's host), --num_processes=P and --process_id=p (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+JAX_PROCESS_ID); see ossnet_jax/distributed.py.
 """
 
 import sys
@@ -11,17 +15,23 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ossnet_jax import training
+from ossnet_jax import distributed, training
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/demo.py", "Configuration file (path[:preset]).")
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and predictions.")
 flags.mark_flag_as_required("workdir")
+flags.DEFINE_string("coordinator_address", "", "host:port of process 0 for a multi-process run.")
+flags.DEFINE_integer("num_processes", None, "Processes of a multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
+    distributed.initialize(
+        distributed.settings(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    )
     try:
         result = training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except training.TrainingInterrupted as stop:

@@ -84,6 +84,9 @@ def get_base_config(preset: str = "brats") -> ml_collections.ConfigDict:
     train.seed = 0
     train.max_nonfinite_steps = 10  # stop after this many consecutive skipped (NaN/Inf) updates
     train.allow_config_change = False  # resume even if model/data keys differ from config.json
+    # K contiguous shards of the training cases, each feeding B / K slots of every batch; 0: one per
+    # process. A run's batches depend on K only (data/schedule.py), so K = P on one process replays P.
+    train.case_shards = 0
 
     config.eval = ev = ml_collections.ConfigDict()
     ev.threshold = 0.5

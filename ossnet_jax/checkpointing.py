@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as managers
 
+from ossnet_jax import distributed
+
 BEST_METRIC = "val_dice"
 MAX_SHOWN_MISMATCHES = 5
 MAX_REASON_CHARS = 400  # the first line of an error; tensorstore's go on with a whole JSON spec
@@ -127,11 +129,18 @@ class Checkpoints:
 
     `writer=True` (the training process, the only one that saves) removes unfinished checkpoint writes
     left by a killed run; readers such as evaluate.py leave them alone, since they may belong to a run
-    that is still saving.
+    that is still saving. With several processes (distributed.py) every process holds a writer and
+    calls save and restore (orbax writes each array once, from the primary); a reader belongs to the
+    process that made it alone, so the primary can evaluate while the others wait.
     """
 
     def __init__(self, workdir: str | pathlib.Path, keep: int = 3, writer: bool = False):
         self.keep = keep
+        self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+        alone = not writer and jax.process_count() > 1
+        me = jax.process_index()
+        if alone:  # orbax creates the folder only with every process taking part
+            self.directory.mkdir(parents=True, exist_ok=True)
         policy = managers.AnyPreservationPolicy(
             [
                 managers.LatestN(keep),
@@ -142,11 +151,15 @@ class Checkpoints:
             preservation_policy=policy,
             best_fn=_metric,
             best_mode="max",
-            create=True,
+            create=not alone,
             cleanup_tmp_directories=writer,
             enable_async_checkpointing=False,
+            multiprocessing_options=(
+                ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+                if alone
+                else ocp.options.MultiprocessingOptions()
+            ),
         )
-        self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_handlers=ocp.StandardCheckpointHandler()
         )  # one item handler: item_metadata(step) reads a saved tree before any save or restore
@@ -231,10 +244,13 @@ class Checkpoints:
             except CorruptCheckpointError as error:
                 failures.append(error)
                 continue
+            moves = set_aside and distributed.is_primary()
             for error in failures:
-                action = self._set_aside(error.path) if set_aside else "left it in place"
-                print(f"{error}; {action}; using step {step} instead", flush=True)
+                action = self._set_aside(error.path) if moves else "left it in place"
+                if distributed.is_primary():
+                    print(f"{error}; {action}; using step {step} instead", flush=True)
             if failures and set_aside:
+                distributed.barrier("checkpoints-set-aside")
                 self.manager.reload()
             return step, state
         if failures:

@@ -17,11 +17,15 @@ The same files are written for every model family (families.py): for the U-Nets 
 the voxels the network produced (sliding windows: window voxels x windows; 2D: the grid).
 """
 
+import collections
+import contextlib
+import dataclasses
 import functools
 import json
 import pathlib
 import time
-from typing import Any, Callable, Optional
+from concurrent import futures
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -255,13 +259,29 @@ def restore_predictor(
     If the best checkpoint cannot be read, the newest readable one is used and the corrupt one named;
     a given step that cannot be read raises checkpointing.CorruptCheckpointError naming it.
     """
+    predictors, step = restore_predictors(config, workdir, jax.local_devices()[:1], step)
+    return predictors[0], step
+
+
+def restore_predictors(
+    config: ml_collections.ConfigDict,
+    workdir: str | pathlib.Path,
+    devices: list,
+    step: Optional[int] = None,
+) -> tuple[list, int]:
+    """restore_predictor's predictor once per device of `devices`, each with its own copy of the
+    parameters there (the checkpoint is read once), and the checkpoint's step."""
     family = families.get_family(config)
     model = family.build_model(config)
-    template = jax.eval_shape(  # shapes and dtypes only: nothing to initialise or compile
-        lambda: family.init_state(
-            config, model, train_state.make_optimizer(config), jax.random.key(0)
-        )
-    )
+    on_first = jax.sharding.SingleDeviceSharding(devices[0])
+    template = jax.tree.map(  # shapes and dtypes only: nothing to initialise or compile
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=on_first),
+        jax.eval_shape(
+            lambda: family.init_state(
+                config, model, train_state.make_optimizer(config), jax.random.key(0)
+            )
+        ),
+    )  # restored onto one local device, whichever devices (or processes) saved it
     ckpt = checkpointing.Checkpoints(workdir)
     try:
         if step is None:
@@ -271,7 +291,86 @@ def restore_predictor(
     finally:
         ckpt.close()
     variables = {"params": state.params.slow, "batch_stats": state.batch_stats}
-    return family.predictor(config, model, variables), step
+    predictors = [
+        family.predictor(config, model, jax.device_put(variables, device)) for device in devices
+    ]
+    return predictors, step
+
+
+@dataclasses.dataclass(frozen=True)
+class CasePrediction:
+    """What a predictor produced for one case.
+
+    Attributes:
+      labels: (X, Y, Z) int32 label map in label values on the grid, small components removed
+        (eval.min_component_voxels).
+      evaluations: decoder (or network) evaluations.
+      seconds: wall time of the prediction and the component removal.
+      disagreement: fraction of voxels differing from the dense prediction (eval.compare_dense),
+        else None.
+    """
+
+    labels: np.ndarray
+    evaluations: int
+    seconds: float
+    disagreement: Optional[float]
+
+
+def predict_case(
+    predictor: Any, image: np.ndarray, ev: ml_collections.ConfigDict
+) -> CasePrediction:
+    """One case's prediction with eval settings `ev` (strategy, post-processing, dense comparison)."""
+    start = time.perf_counter()
+    grid_pred, evaluations = predictor.predict(image)
+    if ev.get("min_component_voxels", 0):
+        keep = postprocess.remove_small_components(
+            grid_pred > 0, ev.min_component_voxels, ev.get("component_connectivity", 26)
+        )
+        grid_pred = np.where(keep, grid_pred, 0)
+    seconds = time.perf_counter() - start
+    disagreement = None
+    if ev.get("compare_dense", False) and ev.strategy != "dense":
+        dense_ev = ml_collections.ConfigDict(ev.to_dict())
+        dense_ev.strategy = "dense"
+        reference, _ = predictor.predict(image, dense_ev)
+        disagreement = float(np.mean(reference != grid_pred))
+    return CasePrediction(grid_pred, int(evaluations), seconds, disagreement)
+
+
+def predict_in_order(
+    predictors: list, cases: list[dataset.PreparedCase], ev: ml_collections.ConfigDict
+) -> Iterator[CasePrediction]:
+    """predict_case of every case, yielded in case order.
+
+    Each predictor compiles on the first case, then case i goes to predictor i mod D; with D > 1
+    predictors each runs in its own thread, at most 2 D cases ahead of the consumer (whose writing
+    then overlaps the predictions). One predictor runs in the calling thread.
+    """
+    if not cases:
+        return
+    first = np.asarray(cases[0].image)
+    if len(predictors) == 1:
+        predictors[0].compile(first)  # keep compilation out of the timings
+        for case in cases:
+            yield predict_case(predictors[0], np.asarray(case.image), ev)
+        return
+    pools = [futures.ThreadPoolExecutor(1, thread_name_prefix="predict") for _ in predictors]
+    try:
+        for pool, predictor in zip(pools, predictors):
+            pool.submit(predictor.compile, first)
+        pending: collections.deque = collections.deque()
+        for i, case in enumerate(cases):
+            device = i % len(predictors)
+            pending.append(
+                pools[device].submit(predict_case, predictors[device], np.asarray(case.image), ev)
+            )
+            if len(pending) > 2 * len(predictors):
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for pool in pools:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _label_dtype(values: tuple[int, ...]) -> type:
@@ -323,13 +422,14 @@ def evaluate(
     prediction and a row without metrics, and "mean" is only written when some case has a label.
     metrics.json is rewritten after every case (without "mean" until the last), and cases already
     predicted for the same checkpoint step (see finished_rows) keep their files and row unless
-    `overwrite`, so a rerun after an interruption continues where it stopped.
+    `overwrite`, so a rerun after an interruption continues where it stopped. The cases are dealt
+    over the local devices, one predictor each (predict_in_order); files and rows stay in case order.
     """
     workdir = pathlib.Path(workdir)
     if cases is None:
         _, cases = dataset.load_split(config)
-    predictor, step = restore_predictor(config, workdir)
-    spec = predictor.spec
+    predictors, step = restore_predictors(config, workdir, jax.local_devices())
+    spec = predictors[0].spec
     ev = config.eval
     out_dir = workdir / "eval" if out_dir is None else pathlib.Path(out_dir)
     done = {} if overwrite else finished_rows(out_dir, step)
@@ -340,51 +440,45 @@ def evaluate(
             " (--overwrite predicts them again)"
         )
     rows = []
-    if todo:
-        predictor.compile(np.asarray(todo[0].image))  # keep compilation out of the timings
-    for case in cases:
-        if case.id in done:
-            rows.append(done[case.id])
-            continue
-        start = time.perf_counter()
-        grid_pred, evaluations = predictor.predict(np.asarray(case.image))
-        if ev.get("min_component_voxels", 0):
-            keep = postprocess.remove_small_components(
-                grid_pred > 0, ev.min_component_voxels, ev.get("component_connectivity", 26)
-            )
-            grid_pred = np.where(keep, grid_pred, 0)
-        seconds = time.perf_counter() - start
-        pred = case.to_file_geometry(grid_pred).astype(_label_dtype(spec.values))
-        nifti.save_nifti(out_dir / "predictions" / f"{case.id}.nii.gz", pred, case.affine)
-        row = {"id": case.id, "decoder_points": int(evaluations), "seconds": round(seconds, 3)}
-        if ev.get("compare_dense", False) and ev.strategy != "dense":
-            dense_ev = ml_collections.ConfigDict(ev.to_dict())
-            dense_ev.strategy = "dense"
-            reference, _ = predictor.predict(np.asarray(case.image), dense_ev)
-            row["disagreement"] = float(np.mean(reference != grid_pred))
-        target = case.target_in_file_geometry()
-        if target is not None:
-            target = np.asarray(spec.values)[target]
-            row.update(
-                reporting.score(
-                    spec,
-                    pred,
-                    target,
-                    reporting.file_spacing(case),
-                    ev.get("surface_tolerance_mm", 1.0),
+    with contextlib.closing(predict_in_order(predictors, todo, ev)) as predictions:
+        for case in cases:
+            if case.id in done:
+                rows.append(done[case.id])
+                continue
+            prediction = next(predictions)
+            grid_pred = prediction.labels
+            pred = case.to_file_geometry(grid_pred).astype(_label_dtype(spec.values))
+            nifti.save_nifti(out_dir / "predictions" / f"{case.id}.nii.gz", pred, case.affine)
+            row = {
+                "id": case.id,
+                "decoder_points": prediction.evaluations,
+                "seconds": round(prediction.seconds, 3),
+            }
+            if prediction.disagreement is not None:
+                row["disagreement"] = prediction.disagreement
+            target = case.target_in_file_geometry()
+            if target is not None:
+                target = np.asarray(spec.values)[target]
+                row.update(
+                    reporting.score(
+                        spec,
+                        pred,
+                        target,
+                        reporting.file_spacing(case),
+                        ev.get("surface_tolerance_mm", 1.0),
+                    )
                 )
+            reporting.write_case_files(
+                out_dir,
+                case,
+                grid_pred,
+                pred,
+                target,
+                ev.get("meshes", True),
+                ev.get("pictures", True),
             )
-        reporting.write_case_files(
-            out_dir,
-            case,
-            grid_pred,
-            pred,
-            target,
-            ev.get("meshes", True),
-            ev.get("pictures", True),
-        )
-        rows.append(row)
-        files.write_json(out_dir / "metrics.json", {"step": step, "cases": rows})
+            rows.append(row)
+            files.write_json(out_dir / "metrics.json", {"step": step, "cases": rows})
     scored = [
         {k: v for k, v in r.items() if k not in ("id", "decoder_points", "seconds", "disagreement")}
         for r in rows

@@ -24,8 +24,17 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from ossnet_jax import checkpointing, evaluation, families, files, losses, metrics, parallel
-from ossnet_jax.data import augment, dataset, labels, sampling
+from ossnet_jax import (
+    checkpointing,
+    distributed,
+    evaluation,
+    families,
+    files,
+    losses,
+    metrics,
+    parallel,
+)
+from ossnet_jax.data import augment, dataset, labels, sampling, schedule
 from ossnet_jax.data.prefetch import Prefetcher
 from ossnet_jax.models.oss_net import OSSNet
 from ossnet_jax.train_state import TrainState, lr_schedule, make_optimizer, model_inputs
@@ -289,8 +298,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (resuming from WORKDIR/checkpoints if present), then evaluates densely; returns eval metrics.
 
     data.labels / num_channels are first resolved from the dataset (MSD dataset.json), then every case
-    is read and preprocessed: a bad file raises DataError listing every bad case before the workdir is
-    touched. Resuming refuses (ValueError, before anything is written) a config whose model or data keys differ
+    this process uses is read and preprocessed: a bad file raises DataError listing every bad case
+    before the workdir is touched. Resuming refuses (ValueError, before anything is written) a config whose model or data keys differ
     from WORKDIR/config.json, unless train.allow_config_change; config.json is only overwritten once the
     checkpoint is restored. An update with a NaN/Inf loss or gradient
     is skipped (parameters unchanged) and logged as {"step", "skipped_nonfinite": 1} in metrics.jsonl;
@@ -301,22 +310,78 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     Before training: the workdir must be writable and have room for the checkpoints (OSError naming
     it otherwise); a corrupt latest checkpoint is moved aside and the previous one resumed; rows of
     metrics.jsonl after the resumed step are dropped, since those steps run again.
+
+    With several processes (distributed.py) every process calls this: each reads only its shards of
+    the training cases (data/schedule.py), the primary alone the validation cases; the primary writes
+    the logs and config.json, validates and evaluates, and the others return {}.
     """
     config = dataset.resolve_data_config(config)
     workdir = pathlib.Path(workdir)
     checkpoints = workdir / "checkpoints"
     if checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir()):
         check_resume_config(config, workdir)
-    cases = dataset.load_split(
-        config
-    )  # every data problem surfaces here, before anything is written
+    batches, val_cases, validating = _process_cases(config)  # data problems surface here
     files.ensure_writable_dir(workdir)
     ckpt = checkpointing.Checkpoints(workdir, writer=True)
     try:
-        _train(config, workdir, ckpt, ckpt.latest_step() or 0, cases)
+        _train(config, workdir, ckpt, ckpt.latest_step() or 0, batches, val_cases, validating)
     finally:
         ckpt.close()
-    return evaluation.evaluate(config, workdir, cases[1])
+    if not distributed.is_primary():
+        return {}
+    return evaluation.evaluate(config, workdir, val_cases)
+
+
+def _process_cases(
+    config: ml_collections.ConfigDict,
+) -> tuple[schedule.ProcessBatches, list, bool]:
+    """This process's batches (its shards of the training split, prepared), the prepared validation
+    cases (on the primary; [] elsewhere) and whether the split has validation cases."""
+    t = config.train
+    train_split, val_split = dataset.split_cases(config)
+    validating = bool(val_split)
+    process, processes = jax.process_index(), jax.process_count()
+    shards = schedule.resolve_shards(t.case_shards, t.batch_size, len(train_split), processes)
+    mine = schedule.process_cases(len(train_split), shards, process, processes)
+    val_split = val_split if distributed.is_primary() else []
+    prepared = dataset.prepare_cases(
+        [train_split[i] for i in mine] + val_split,
+        config,
+        dataset.cache_dir_for(config),
+    )
+    batches = schedule.ProcessBatches(
+        dict(zip(mine, prepared[: len(mine)])),
+        len(train_split),
+        shards,
+        t.batch_size,
+        t.seed,
+        process,
+        processes,
+    )
+    return batches, prepared[len(mine) :], validating
+
+
+VAL_KEYS = ("val_dice", "val_iou")  # what a Family's validator returns
+
+
+class _Log:
+    """metrics.jsonl rows and progress notes; written by the primary process only."""
+
+    def __init__(self, path: pathlib.Path, enabled: bool):
+        self.file = open(path, "a") if enabled else None
+
+    def row(self, record: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def note(self, text: str) -> None:
+        if self.file is not None:
+            tqdm.write(text)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 def _train(
@@ -324,45 +389,51 @@ def _train(
     workdir: pathlib.Path,
     ckpt: checkpointing.Checkpoints,
     start: int,
-    cases: tuple[list, list],
+    make_batch: schedule.ProcessBatches,
+    val_cases: list,
+    validating: bool,
 ) -> None:
-    """The host loop of train_and_evaluate from step `start` to train.steps on (train, val) cases."""
-    train_cases, val_cases = cases
+    """The host loop of train_and_evaluate from step `start` to train.steps.
+
+    `make_batch(step)` gives this process's rows of the step's global batch; `val_cases` are validated
+    on the primary every train.eval_every steps when `validating` (the split has validation cases).
+    """
     t = config.train
+    primary = distributed.is_primary()
     family = families.get_family(config)
     model = family.build_model(config)
     tx = make_optimizer(config)
-    state = family.init_state(config, model, tx, jax.random.key(t.seed))
+    mesh = parallel.data_mesh(t.batch_size)  # None on one device of one process: nothing changes
+    state = parallel.replicate(family.init_state(config, model, tx, jax.random.key(t.seed)), mesh)
     if start:
         start, state = ckpt.restore_latest(state)
-        print(f"resuming from step {start} of {workdir / 'checkpoints'}")
+        if primary:
+            print(f"resuming from step {start} of {workdir / 'checkpoints'}")
     checkpointing.check_free_space(
         ckpt.directory,
         shutil.disk_usage(ckpt.directory).free,
         sum(leaf.nbytes for leaf in jax.tree.leaves(state)),
         ckpt.copies_to_fit(),
     )
-    files.write_json(workdir / "config.json", json.loads(config.to_json()))
-    mesh = parallel.data_mesh(t.batch_size)  # None on one device: nothing changes
-    state = parallel.replicate(state, mesh)
+    if primary:
+        files.write_json(workdir / "config.json", json.loads(config.to_json()))
     step_fn = jax.jit(
         functools.partial(family.train_step, model=model, tx=tx, config=config), donate_argnums=0
     )
-    validate = family.validator(val_cases, config, model) if val_cases else None
+    validate = family.validator(val_cases, config, model) if primary and validating else None
     rng = jax.random.key(t.seed)
-    cases_of = lambda s: [
-        train_cases[i] for i in dataset.case_indices(s, t.batch_size, len(train_cases), t.seed)
-    ]
     log_path = workdir / "metrics.jsonl"
-    drop_log_rows_after(log_path, start)
-    tick, wait = time.perf_counter(), 0.0
+    if primary:
+        drop_log_rows_after(log_path, start)
+    tick, wait, since = time.perf_counter(), 0.0, start  # the current logging window
     nonfinite = 0  # consecutive skipped updates
+    log = _Log(log_path, primary)
     with (
-        Prefetcher(
-            lambda s: parallel.shard_batch(dataset.stack_batch(cases_of(s)), mesh), start, t.steps
-        ) as batches,
-        tqdm(total=t.steps, initial=start, desc="train", dynamic_ncols=True) as bar,
-        open(log_path, "a") as log,
+        Prefetcher(lambda s: parallel.shard_batch(make_batch(s), mesh), start, t.steps) as batches,
+        tqdm(
+            total=t.steps, initial=start, desc="train", dynamic_ncols=True, disable=not primary
+        ) as bar,
+        contextlib.closing(log),
         _stop_requests() as stop,
     ):
         for step in range(start, t.steps):
@@ -373,9 +444,8 @@ def _train(
             done = step + 1
             nonfinite = nonfinite + 1 if int(out["skipped"]) else 0
             if nonfinite:
-                log.write(json.dumps({"step": done, "skipped_nonfinite": 1}) + "\n")
-                log.flush()
-                tqdm.write(f"step {done}: non-finite loss or gradients, update skipped")
+                log.row({"step": done, "skipped_nonfinite": 1})
+                log.note(f"step {done}: non-finite loss or gradients, update skipped")
             if nonfinite >= t.max_nonfinite_steps:
                 last = ckpt.latest_step()
                 kept = (
@@ -387,7 +457,8 @@ def _train(
                     f"{nonfinite} consecutive non-finite steps (loss or gradients) at step {done}; "
                     f"training stopped without saving, {kept}"
                 )
-            if done % t.log_every == 0 or done == t.steps:
+            logged = done % t.log_every == 0 or done == t.steps
+            if logged:
                 out = jax.device_get(out)
                 elapsed = time.perf_counter() - tick
                 record = {
@@ -396,32 +467,35 @@ def _train(
                     **{k: float(v) for k, v in out.items() if k.endswith("_loss")},
                     "learning_rate": float(out["learning_rate"]),
                     "dice": metrics.channel_mean(out, metrics.dice_from_counts),
-                    "points_per_s": family.outputs_per_step(config) * (done - bar.n) / elapsed,
+                    "points_per_s": family.outputs_per_step(config) * (done - since) / elapsed,
                     "input_wait_fraction": wait / elapsed,
                 }
-                log.write(json.dumps(record) + "\n")
-                log.flush()
+                log.row(record)
                 bar.set_postfix(
                     loss=f"{record['loss']:.4f}",
                     dice=f"{record['dice']:.3f}",
                     pts_s=f"{record['points_per_s']:.0f}",
                 )
-                bar.update(done - bar.n)
-            evaluate_now = validate is not None and (done % t.eval_every == 0 or done == t.steps)
-            val = validate(state) if evaluate_now else None
-            if val is not None:
-                log.write(json.dumps({"step": done, **val}) + "\n")
-                log.flush()
-                tqdm.write(
+                bar.update(done - since)
+            val = None
+            if validating and (done % t.eval_every == 0 or done == t.steps):
+                val = (
+                    validate(parallel.local_copy(state))
+                    if primary
+                    else dict.fromkeys(VAL_KEYS, 0.0)
+                )
+                val = distributed.from_primary(val)
+                log.row({"step": done, **val})
+                log.note(
                     f"step {done}: validation Dice {val['val_dice']:.4f} IoU {val['val_iou']:.4f}"
-                    f" ({validate.scope})"
+                    f" ({family.validator.scope})"
                 )
             periodic = val is not None or done % t.checkpoint_every == 0
             # read once: a signal arriving after this line is handled after the next step
-            stopping = bool(stop)
+            stopping = distributed.any_process(bool(stop))
             if (periodic and not nonfinite) or done == t.steps or stopping:
                 ckpt.save(done, state, val)
             if stopping:
-                raise TrainingInterrupted(stop[0], done, ckpt.directory)
-            if done == bar.n:  # a window was just logged: time the next one from here
-                tick, wait = time.perf_counter(), 0.0
+                raise TrainingInterrupted(stop[0] if stop else signal.SIGTERM, done, ckpt.directory)
+            if logged:  # a window was just logged: time the next one from here
+                tick, wait, since = time.perf_counter(), 0.0, done

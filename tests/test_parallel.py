@@ -1,14 +1,35 @@
-"""Data parallelism: the 2-device train step equals the 1-device step on the same global batch.
+"""Several devices: the 2-device train step equals the 1-device step on the same global batch, and
+evaluation dealt over 2 devices equals evaluation on one.
 
 Runs in a subprocess because the device count is fixed when jax starts:
 XLA_FLAGS=--xla_force_host_platform_device_count=2 is set there before jax is imported.
 """
 
+import json
 import os
 import pathlib
 import subprocess
 import sys
 import textwrap
+
+import jax
+import numpy as np
+
+from ossnet_jax import checkpointing, evaluation, files
+from ossnet_jax.data import dataset, nifti
+from ossnet_jax.models.oss_net import build_model
+from ossnet_jax.train_state import init_state, make_optimizer
+from tests.conftest import tiny_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _env() -> dict:
+    """The test's environment for a subprocess that sets its own device count."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("XLA_FLAGS", None)
+    return env
+
 
 SCRIPT = textwrap.dedent(
     """
@@ -50,16 +71,67 @@ SCRIPT = textwrap.dedent(
 
 
 def test_two_device_step_equals_one_device_step(synthetic_root, tmp_path):
-    repo = pathlib.Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(repo)}
-    env.pop("XLA_FLAGS", None)
     result = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(synthetic_root)],
-        cwd=repo,
-        env=env,
+        cwd=REPO,
+        env=_env(),
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert result.stdout.startswith("OK")
+
+
+EVALUATE = textwrap.dedent(
+    """
+    import os, pathlib, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    import jax
+    from ossnet_jax import evaluation
+    from ossnet_jax.data import dataset
+
+    assert jax.local_device_count() == 2, jax.devices()
+    workdir, out_dir = sys.argv[1:3]
+    config = evaluation.load_config(workdir)
+    predictors, _ = evaluation.restore_predictors(config, workdir, jax.local_devices())
+    placed = [jax.tree.leaves(p.variables)[0].devices() for p in predictors]
+    assert placed == [{d} for d in jax.local_devices()], placed
+    train, val = dataset.load_split(config)
+    evaluation.evaluate(config, workdir, train + val, out_dir)
+    print("OK")
+    """
+)
+
+
+def test_two_device_evaluation_equals_one_device(synthetic_root, tmp_path):
+    """6 cases dealt over 2 devices (3 each, in threads) give the 1-device predictions and rows."""
+    config = tiny_config(synthetic_root)
+    config.model.activation = "relu"
+    config.eval.meshes = False
+    config.eval.pictures = False
+    workdir = tmp_path / "run"
+    model, tx = build_model(config), make_optimizer(config)
+    ckpt = checkpointing.Checkpoints(workdir, writer=True)
+    ckpt.save(1, init_state(config, model, tx, jax.random.key(0)))  # untrained: noisy labels
+    ckpt.close()
+    files.write_json(workdir / "config.json", json.loads(config.to_json()))
+    train, val = dataset.load_split(config)
+    one = evaluation.evaluate(config, workdir, train + val, tmp_path / "one")
+    result = subprocess.run(
+        [sys.executable, "-c", EVALUATE, str(workdir), str(tmp_path / "two")],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    assert drop(two["cases"]) == drop(one["cases"]) and two["mean"] == one["mean"]
+    assert 0 < one["mean"]["dice"] < 1  # labels of an untrained model: a sensitive comparison
+    for case in train + val:
+        a, _ = nifti.load_nifti(tmp_path / "one" / "predictions" / f"{case.id}.nii.gz")
+        b, _ = nifti.load_nifti(tmp_path / "two" / "predictions" / f"{case.id}.nii.gz")
+        np.testing.assert_array_equal(a, b)

@@ -356,8 +356,11 @@ def cache_dir_for(config: ml_collections.ConfigDict) -> pathlib.Path:
     )
 
 
-def load_split(config: ml_collections.ConfigDict) -> tuple[list[PreparedCase], list[PreparedCase]]:
-    """(train, validation) preprocessed cases: data.split_file if set, else a data.seed split."""
+def split_cases(config: ml_collections.ConfigDict) -> tuple[list[layouts.Case], list[layouts.Case]]:
+    """(train, validation) cases on disk, not yet read: data.split_file if set, else a data.seed split.
+
+    Raises DataError if a training case has no label file.
+    """
     cases = find_cases(config)
     ids = [c.id for c in cases]
     if config.data.get("split_file"):
@@ -365,14 +368,20 @@ def load_split(config: ml_collections.ConfigDict) -> tuple[list[PreparedCase], l
     else:
         train_ids, val_ids = split_ids(ids, config.data.val_fraction, config.data.seed)
     by_id = {c.id: c for c in cases}
-    chosen = [by_id[i] for i in train_ids + val_ids]
-    unlabeled = [c.image_paths[0].name for c in chosen[: len(train_ids)] if c.label_path is None]
+    train = [by_id[i] for i in train_ids]
+    unlabeled = [c.image_paths[0].name for c in train if c.label_path is None]
     if unlabeled:
         raise nifti.DataError(
             f"{config.data.root}: training cases without a label file: {', '.join(unlabeled[:5])}"
         )
-    prepared = {p.id: p for p in prepare_cases(chosen, config, cache_dir_for(config))}
-    return [prepared[i] for i in train_ids], [prepared[i] for i in val_ids]
+    return train, [by_id[i] for i in val_ids]
+
+
+def load_split(config: ml_collections.ConfigDict) -> tuple[list[PreparedCase], list[PreparedCase]]:
+    """(train, validation) preprocessed cases of split_cases."""
+    train, val = split_cases(config)
+    prepared = prepare_cases(train + val, config, cache_dir_for(config))
+    return prepared[: len(train)], prepared[len(train) :]
 
 
 def case_indices(step: int, batch_size: int, num_cases: int, seed: int) -> np.ndarray:

@@ -7,6 +7,11 @@ from typing import Callable, Iterator
 import jax
 
 
+def _on_device(leaf):
+    """A host array moved to the default device; a jax.Array (possibly spanning processes) as is."""
+    return leaf if isinstance(leaf, jax.Array) else jax.device_put(leaf)
+
+
 class Prefetcher:
     """Iterates device batches make_batch(step) for step in [start, stop), `depth` steps ahead.
 
@@ -25,7 +30,7 @@ class Prefetcher:
     def _work(self) -> None:
         try:
             for step in self._steps:
-                item = jax.device_put(self._make(step))
+                item = jax.tree.map(_on_device, self._make(step))
                 while not self._stop.is_set():
                     try:
                         self._queue.put(item, timeout=0.1)
