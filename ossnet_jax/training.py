@@ -407,7 +407,9 @@ def _train(
         prepare = jax.jit(functools.partial(family.prepare_inputs, config=config))
         inputs_of = lambda s: prepare(batch_of(s), rng, jnp.asarray(s, jnp.int32))
         update = family.update_step
-    step_fn = jax.jit(functools.partial(update, model=model, tx=tx, config=config), donate_argnums=0)
+    step_fn = jax.jit(
+        functools.partial(update, model=model, tx=tx, config=config), donate_argnums=0
+    )
     validate = family.validator(val_cases, config, model) if val_cases else None
     log_path = workdir / "metrics.jsonl"
     drop_log_rows_after(log_path, start)
