@@ -9,7 +9,7 @@ parts are looked up when get_family is called, so either may be imported first.
 """
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import ml_collections
 
@@ -34,6 +34,10 @@ class Family:
       predictor: (config, model, variables) -> object with predict(image, ev=None) -> (label map
         (X, Y, Z) int32 in label values, network evaluations), compile(image), spec.
       outputs_per_step: config -> locations (OSS-Net) or voxels (U-Nets) supervised per step.
+      prepare_inputs, update_step: train_step split in two, or None where it is not: (batch, rng,
+        step, config) -> inputs, the grid-sized stage the host loop runs ahead in the prefetch thread,
+        and (state, inputs, rng, *, model, tx, config) -> (state, metrics), the update; their
+        composition equals train_step bitwise.
     """
 
     build_model: Callable[[ml_collections.ConfigDict], Any]
@@ -42,6 +46,8 @@ class Family:
     validator: Callable[..., Callable[[TrainState], dict]]
     predictor: Callable[..., Any]
     outputs_per_step: Callable[[ml_collections.ConfigDict], int]
+    prepare_inputs: Optional[Callable[..., dict]] = None
+    update_step: Optional[Callable[..., tuple[TrainState, dict]]] = None
 
 
 def get_family(config: ml_collections.ConfigDict) -> Family:
@@ -55,6 +61,8 @@ def get_family(config: ml_collections.ConfigDict) -> Family:
             validator=training.PointValidator,
             predictor=evaluation.Predictor,
             outputs_per_step=lambda c: c.train.batch_size * c.train.num_points,
+            prepare_inputs=training.prepare_inputs,
+            update_step=training.update_step,
         )
     if name in unet.FAMILIES:
         return Family(

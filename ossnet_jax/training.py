@@ -1,9 +1,12 @@
-"""Training: one pure jitted step and the host loop of train.py.
+"""Training: two pure jitted stages of a step and the host loop of train.py.
 
-The step takes a batch of whole volumes (B, X, Y, Z, C) and does everything on the device: augmentation,
-location sampling, patch gathering, forward, loss, update. Its randomness is fold_in(seed, step) and the
-cases of a step are a pure function of the step, so a resumed run draws exactly what an uninterrupted
-one would.
+prepare_inputs takes a batch of whole volumes (B, X, Y, Z, C) and does on the device what grows with the
+grid: augmentation, location sampling, patch gathering, downscaling, the targets. update_step runs
+forward, loss and update on what the network needs only (downscaled volume, N locations and patches), so
+its memory does not depend on the full-resolution grid. train_step is their composition. The host loop
+runs prepare_inputs in the prefetch thread, ahead of the update. A step's randomness is
+fold_in(seed, step) and the cases of a step are a pure function of the step, so a resumed run draws
+exactly what an uninterrupted one would.
 """
 
 import contextlib
@@ -37,7 +40,117 @@ from ossnet_jax import (
 from ossnet_jax.data import augment, dataset, labels, sampling, schedule
 from ossnet_jax.data.prefetch import Prefetcher
 from ossnet_jax.models.oss_net import OSSNet
-from ossnet_jax.train_state import TrainState, lr_schedule, make_optimizer, model_inputs
+from ossnet_jax.train_state import (
+    TrainState,
+    guarded_update,
+    lr_schedule,
+    make_optimizer,
+    model_inputs,
+)
+
+
+def seg_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    """(sx, sy, sz): the segmentation head's grid, the encoder input halved by every encoder block."""
+    shape = tuple(g // config.data.downscale for g in config.data.grid_shape)
+    for _ in config.model.encoder_channels:
+        shape = tuple(s // 2 for s in shape)
+    return shape
+
+
+def prepare_inputs(
+    batch: dict, rng: jax.Array, step: jax.Array | int, config: ml_collections.ConfigDict
+) -> dict:
+    """What one update needs of a batch of whole volumes, drawn with the randomness of `step`.
+
+    Augments the volumes, samples locations, gathers the patches, downscales, and reads the targets;
+    everything that grows with the full-resolution grid happens here, so update_step's memory does not.
+
+    Args:
+      batch: {'image' (B, X, Y, Z, C) float32, 'target' (B, X, Y, Z) uint8, 'band' (B, X, Y, Z) bool}.
+      rng: the run's PRNG key; the step's randomness is fold_in(rng, step), as in update_step.
+      step: () int, the step these inputs are for (state.step of the update that consumes them).
+    Returns:
+      {'low' (B, X/d, Y/d, Z/d, C) encoder input, 'locations' (B, N, 3) int32, 'index' (B, N) class
+      indices at the locations, 'patches' (B, N, S, S, S, Cp) with model.patches, 'coarse'
+      (B, sx, sy, sz, R) bool max-pooled channel masks with model.seg_head}.
+    """
+    t = config.train
+    k_aug, k_loc, _ = jax.random.split(jax.random.fold_in(rng, step), 3)
+    b = batch["image"].shape[0]
+    image, target, band = jax.vmap(lambda k, i, g, d: augment.augment(k, i, g, d, t))(
+        jax.random.split(k_aug, b), batch["image"], batch["target"], batch["band"]
+    )
+    locs = jax.vmap(lambda k, d: sampling.sample_locations(k, d, t.num_points, t.border_fraction))(
+        jax.random.split(k_loc, b), band
+    )
+    low, patches = model_inputs(config, image, locs)
+    inputs = {"low": low, "locations": locs, "index": jax.vmap(sampling.take_at)(target, locs)}
+    if patches is not None:
+        inputs["patches"] = patches
+    if config.model.seg_head:
+        spec = labels.label_spec(config.data)
+        inputs["coarse"] = losses.max_pool_target(spec.channel_masks(target), seg_shape(config))
+    return inputs
+
+
+def update_step(
+    state: TrainState,
+    inputs: dict,
+    rng: jax.Array,
+    *,
+    model: OSSNet,
+    tx: optax.GradientTransformation,
+    config: ml_collections.ConfigDict,
+) -> tuple[TrainState, dict]:
+    """One update from prepare_inputs' `inputs` for state.step; sizes depend on N and the encoder input only.
+
+    If the loss or any gradient is NaN/Inf the update is skipped: the returned state is the input state
+    (parameters, batch_stats and opt_state bitwise unchanged) with only `step` incremented, so the next
+    step draws the next cases and randomness. metrics['skipped'] is () int32, 1 for a skipped update.
+    """
+    t = config.train
+    _, _, k_drop = jax.random.split(jax.random.fold_in(rng, state.step), 3)
+    spec = labels.label_spec(config.data)
+    index = inputs["index"]
+
+    def loss_fn(fast):
+        (logits, seg), mutated = model.apply(
+            {"params": fast, "batch_stats": state.batch_stats},
+            inputs["low"],
+            inputs["locations"],
+            inputs.get("patches"),
+            train=True,
+            rngs={"dropout": k_drop},
+            mutable=["batch_stats"],
+        )
+        point_loss = spec.point_loss(logits, index)
+        seg_loss = jnp.zeros(())
+        if seg is not None:
+            coarse = inputs["coarse"]
+            seg_loss = losses.bce(seg, coarse if seg.ndim == 5 else coarse[..., 0])
+        return point_loss + t.seg_loss_weight * seg_loss, (
+            mutated["batch_stats"],
+            logits,
+            point_loss,
+            seg_loss,
+        )
+
+    grads, (batch_stats, logits, point_loss, seg_loss) = jax.grad(loss_fn, has_aux=True)(
+        state.params.fast
+    )
+    loss = point_loss + t.seg_loss_weight * seg_loss
+    new_state, skipped = guarded_update(state, grads, loss, batch_stats, tx)
+    out = {
+        "loss": loss,
+        "skipped": skipped,
+        "point_loss": point_loss,
+        "seg_loss": seg_loss,
+        "learning_rate": lr_schedule(t)(state.step),
+        **metrics.mask_counts(
+            spec.predicted_masks(logits, config.eval.threshold), spec.channel_masks(index)
+        ),
+    }
+    return new_state, out
 
 
 def train_step(
@@ -51,72 +164,10 @@ def train_step(
 ) -> tuple[TrainState, dict]:
     """One update from a batch {'image' (B,X,Y,Z,C), 'target' (B,X,Y,Z), 'band' (B,X,Y,Z)}.
 
-    If the loss or any gradient is NaN/Inf the update is skipped: the returned state is the input state
-    (parameters, batch_stats and opt_state bitwise unchanged) with only `step` incremented, so the next
-    step draws the next cases and randomness. metrics['skipped'] is () int32, 1 for a skipped update.
+    prepare_inputs then update_step in one program; the host loop runs the two as separate calls.
     """
-    t = config.train
-    rng = jax.random.fold_in(rng, state.step)
-    k_aug, k_loc, k_drop = jax.random.split(rng, 3)
-    b = batch["image"].shape[0]
-    image, target, band = jax.vmap(lambda k, i, g, d: augment.augment(k, i, g, d, t))(
-        jax.random.split(k_aug, b), batch["image"], batch["target"], batch["band"]
-    )
-    locs = jax.vmap(lambda k, d: sampling.sample_locations(k, d, t.num_points, t.border_fraction))(
-        jax.random.split(k_loc, b), band
-    )
-    spec = labels.label_spec(config.data)
-    index = jax.vmap(sampling.take_at)(target, locs)
-    low, patches = model_inputs(config, image, locs)
-
-    def loss_fn(fast):
-        (logits, seg), mutated = model.apply(
-            {"params": fast, "batch_stats": state.batch_stats},
-            low,
-            locs,
-            patches,
-            train=True,
-            rngs={"dropout": k_drop},
-            mutable=["batch_stats"],
-        )
-        point_loss = spec.point_loss(logits, index)
-        seg_loss = jnp.zeros(())
-        if seg is not None:
-            coarse = losses.max_pool_target(spec.channel_masks(target), seg.shape[1:4])
-            seg_loss = losses.bce(seg, coarse if seg.ndim == 5 else coarse[..., 0])
-        return point_loss + t.seg_loss_weight * seg_loss, (
-            mutated["batch_stats"],
-            logits,
-            point_loss,
-            seg_loss,
-        )
-
-    grads, (batch_stats, logits, point_loss, seg_loss) = jax.grad(loss_fn, has_aux=True)(
-        state.params.fast
-    )
-    loss = point_loss + t.seg_loss_weight * seg_loss
-    finite = jnp.isfinite(loss) & jnp.all(
-        jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
-    )
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    updated = state.replace(
-        params=optax.apply_updates(state.params, updates),
-        batch_stats=batch_stats,
-        opt_state=opt_state,
-    )
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
-    new_state = new_state.replace(step=state.step + 1)
-    out = {
-        "loss": loss,
-        "skipped": jnp.logical_not(finite).astype(jnp.int32),
-        "point_loss": point_loss,
-        "seg_loss": seg_loss,
-        "learning_rate": lr_schedule(t)(state.step),
-        **metrics.mask_counts(
-            spec.predicted_masks(logits, config.eval.threshold), spec.channel_masks(index)
-        ),
-    }
-    return new_state, out
+    inputs = prepare_inputs(batch, rng, state.step, config)
+    return update_step(state, inputs, rng, model=model, tx=tx, config=config)
 
 
 def point_eval_step(
@@ -417,11 +468,18 @@ def _train(
     )
     if primary:
         files.write_json(workdir / "config.json", json.loads(config.to_json()))
+    rng = jax.random.key(t.seed)
+    batch_of = lambda s: parallel.shard_batch(make_batch(s), mesh)
+    if family.prepare_inputs is None:
+        inputs_of, update = batch_of, family.train_step
+    else:  # the grid-sized stage runs in the prefetch thread, the update sees its outputs only
+        prepare = jax.jit(functools.partial(family.prepare_inputs, config=config))
+        inputs_of = lambda s: prepare(batch_of(s), rng, jnp.asarray(s, jnp.int32))
+        update = family.update_step
     step_fn = jax.jit(
-        functools.partial(family.train_step, model=model, tx=tx, config=config), donate_argnums=0
+        functools.partial(update, model=model, tx=tx, config=config), donate_argnums=0
     )
     validate = family.validator(val_cases, config, model) if primary and validating else None
-    rng = jax.random.key(t.seed)
     log_path = workdir / "metrics.jsonl"
     if primary:
         drop_log_rows_after(log_path, start)
@@ -429,7 +487,7 @@ def _train(
     nonfinite = 0  # consecutive skipped updates
     log = _Log(log_path, primary)
     with (
-        Prefetcher(lambda s: parallel.shard_batch(make_batch(s), mesh), start, t.steps) as batches,
+        Prefetcher(inputs_of, start, t.steps) as batches,
         tqdm(
             total=t.steps, initial=start, desc="train", dynamic_ncols=True, disable=not primary
         ) as bar,

@@ -59,6 +59,51 @@ def test_loss_falls_on_a_fixed_batch(synthetic_root):
     assert int(state.step) == 25
 
 
+def test_separate_prepare_and_update_calls_equal_the_composed_step_bitwise(synthetic_root):
+    """The host loop runs prepare_inputs and update_step as two programs; train_step is one."""
+    config = tiny_config(synthetic_root, activation="relu", encoder_channels=(4,), decoder_blocks=1)
+    train_cases, _ = dataset.load_split(config)
+    model = build_model(config)
+    tx = train_state.make_optimizer(config)
+    composed = train_state.init_state(config, model, tx, jax.random.key(0))
+    split = jax.tree.map(jnp.copy, composed)
+    kwargs = dict(model=model, tx=tx, config=config)
+    step = jax.jit(functools.partial(training.train_step, **kwargs))
+    prepare = jax.jit(functools.partial(training.prepare_inputs, config=config))
+    update = jax.jit(functools.partial(training.update_step, **kwargs))
+    batch = jax.device_put(dataset.stack_batch(train_cases[:2]))
+    rng = jax.random.key(1)
+    for s in range(2):
+        composed, want = step(composed, batch, rng)
+        inputs = prepare(batch, rng, jnp.asarray(s, jnp.int32))
+        split, got = update(split, inputs, rng)
+        assert set(inputs) == {"low", "locations", "index", "patches", "coarse"}
+        assert inputs["low"].shape == (2, 16, 16, 8, 4) and inputs["coarse"].shape[1:4] == (8, 8, 4)
+        for a, b in zip(jax.tree.leaves((composed, want)), jax.tree.leaves((split, got))):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert float(want["loss"]) > 0 and int(split.step) == 2
+
+
+def test_update_inputs_do_not_grow_with_the_grid_when_the_encoder_input_does_not(tmp_path):
+    """A grid twice as fine per axis with twice the downscale gives the update step the same shapes
+    (so the same memory); only the prepare stage's batch grows 8x."""
+    shapes = []
+    for grid, downscale in (((16, 16, 16), 1), ((32, 32, 32), 2)):
+        config = tiny_config(tmp_path)
+        config.data.grid_shape, config.data.downscale = grid, downscale
+        batch = {
+            "image": jax.ShapeDtypeStruct((2,) + grid + (4,), jnp.float32),
+            "target": jax.ShapeDtypeStruct((2,) + grid, jnp.uint8),
+            "band": jax.ShapeDtypeStruct((2,) + grid, jnp.bool_),
+        }
+        prepare = functools.partial(training.prepare_inputs, config=config)
+        inputs = jax.eval_shape(prepare, batch, jax.random.key(0), jnp.int32(0))
+        shapes.append({k: (v.shape, v.dtype) for k, v in inputs.items()})
+    assert shapes[0] == shapes[1]
+    assert shapes[0]["low"][0] == (2, 16, 16, 16, 4) and shapes[0]["coarse"][0] == (2, 4, 4, 4, 1)
+    assert shapes[0]["patches"][0] == (2, 128, 7, 7, 7, 4)
+
+
 def test_checkpoint_round_trip_and_best_by_dice(tmp_path):
     config = tiny_config(tmp_path)
     model = build_model(config)
