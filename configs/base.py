@@ -84,6 +84,7 @@ def get_base_config(preset: str = "brats") -> ml_collections.ConfigDict:
     train.seed = 0
     train.max_nonfinite_steps = 10  # stop after this many consecutive skipped (NaN/Inf) updates
     train.allow_config_change = False  # resume even if model/data keys differ from config.json
+    train.dtype = "float32"  # 'bfloat16': compute in bfloat16; parameters, loss, BN statistics float32
 
     config.eval = ev = ml_collections.ConfigDict()
     ev.threshold = 0.5
@@ -100,6 +101,7 @@ def get_base_config(preset: str = "brats") -> ml_collections.ConfigDict:
     ev.meshes = True  # eval/meshes/<id>_{prediction,label}.{ply,obj} in world mm
     ev.pictures = True  # eval/pictures/<id>_{slices,mesh}.png and eval/dice.png
     ev.batch_points = 2**15
+    ev.dtype = "float32"  # 'bfloat16': the predictor computes in bfloat16 (parameters stay float32)
 
     if preset == "lits":
         data.format = "lits"
