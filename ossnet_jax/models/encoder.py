@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ossnet_jax.models.conv import Conv3D
 from ossnet_jax.models.layers import BN_EPSILON, BN_MOMENTUM, ResidualBlock3D, make_activation
 
 
@@ -36,9 +37,7 @@ class ConvBNAct(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = nn.Conv(
-            self.features, (self.kernel,) * 3, use_bias=False, dtype=self.dtype, name="conv"
-        )(x)
+        x = Conv3D(self.features, self.kernel, use_bias=False, dtype=self.dtype, name="conv")(x)
         x = nn.BatchNorm(
             use_running_average=not train,
             momentum=BN_MOMENTUM,
@@ -98,7 +97,7 @@ class Encoder(nn.Module):
         latents = jnp.moveaxis(z, -1, 1).reshape(batch, k, -1).astype(jnp.float32)
         seg = None
         if self.seg_head:
-            seg = nn.Conv(self.seg_channels, (5, 5, 5), dtype=self.dtype, name="seg_head")(x)
+            seg = Conv3D(self.seg_channels, 5, dtype=self.dtype, name="seg_head")(x)
             seg = seg.astype(jnp.float32)
             if self.seg_channels == 1:
                 seg = seg[..., 0]

@@ -9,6 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ossnet_jax.models.conv import Conv3D
+
 # Least-squares fit of P(x) / (1 + |b1 x| + ... + |b4 x^4|) to leaky ReLU (slope 0.01) on [-3, 3];
 # maximum error 0.03, RMS error 0.005 (see tests/test_layers.py).
 PAU_INIT_NUMERATOR = (0.029803, 0.618385, 2.322323, 3.04922, 1.483393, 0.250562)
@@ -199,17 +201,15 @@ class ResidualBlock3D(nn.Module):
             dtype=self.dtype,
             name=name,
         )
-        h = nn.Conv(self.features, (3, 3, 3), use_bias=False, dtype=self.dtype, name="conv1")(x)
+        h = Conv3D(self.features, 3, use_bias=False, dtype=self.dtype, name="conv1")(x)
         h = act(name="act1")(norm("bn1")(h))
         h = avg_pool2(h)
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        h = nn.Conv(self.features, (3, 3, 3), use_bias=False, dtype=self.dtype, name="conv2")(h)
+        h = Conv3D(self.features, 3, use_bias=False, dtype=self.dtype, name="conv2")(h)
         h = norm("bn2")(h)
         shortcut = x
         if x.shape[-1] != self.features:
-            shortcut = nn.Conv(self.features, (1, 1, 1), dtype=self.dtype, name="shortcut")(
-                shortcut
-            )
+            shortcut = Conv3D(self.features, 1, dtype=self.dtype, name="shortcut")(shortcut)
         return act(name="act2")(h + avg_pool2(shortcut))
 
 
