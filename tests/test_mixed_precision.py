@@ -11,7 +11,8 @@ from ossnet_jax import train_state, training
 from ossnet_jax.data import dataset
 from ossnet_jax.evaluation import Predictor
 from ossnet_jax.models.oss_net import build_model
-from tests.conftest import TINY_GRID, tiny_config
+from ossnet_jax.models.unet import build_unet
+from tests.conftest import TINY_GRID, tiny_config, tiny_unet_config
 
 
 def test_bfloat16_forward_is_close_to_float32(tmp_path):
@@ -74,3 +75,10 @@ def test_unknown_dtype_is_rejected(tmp_path):
     config.train.dtype = "float16"
     with pytest.raises(ValueError, match="dtype must be one of"):
         build_model(config)
+
+
+def test_unets_reject_bfloat16_instead_of_ignoring_it(tmp_path):
+    config = tiny_unet_config(tmp_path, "unet3d")
+    config.eval.dtype = "bfloat16"
+    with pytest.raises(ValueError, match="float32 only"):
+        build_unet(config)
