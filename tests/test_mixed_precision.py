@@ -10,6 +10,7 @@ import pytest
 from ossnet_jax import train_state, training
 from ossnet_jax.data import dataset
 from ossnet_jax.evaluation import Predictor
+from ossnet_jax.models import layers
 from ossnet_jax.models.oss_net import build_model
 from ossnet_jax.models.unet import build_unet
 from tests.conftest import TINY_GRID, tiny_config, tiny_unet_config
@@ -36,7 +37,7 @@ def test_bfloat16_forward_is_close_to_float32(tmp_path):
 
 
 def test_bfloat16_train_step_keeps_float32_parameters(synthetic_root):
-    config = tiny_config(synthetic_root)  # PAU: its hand-written backward in bfloat16 too
+    config = tiny_config(synthetic_root, activation="relu")  # PAU in bfloat16: the test below
     config.train.dtype = "bfloat16"
     train_cases, _ = dataset.load_split(config)
     model = build_model(config)
@@ -82,3 +83,21 @@ def test_unets_reject_bfloat16_instead_of_ignoring_it(tmp_path):
     config.eval.dtype = "bfloat16"
     with pytest.raises(ValueError, match="float32 only"):
         build_unet(config)
+
+
+def test_pau_gradients_in_bfloat16_are_close_to_float32():
+    """bfloat16 input, float32 coefficient accumulation: coefficient gradients within 2 %."""
+    x = (jax.random.normal(jax.random.key(0), (64, 32)) * 2).astype(jnp.bfloat16)
+    a = jnp.asarray(layers.PAU_INIT_NUMERATOR)
+    b = jnp.asarray(layers.PAU_INIT_DENOMINATOR)
+
+    def loss(x, a, b):
+        y = layers.pau(x, a.astype(x.dtype), b.astype(x.dtype))
+        return jnp.sum(y.astype(jnp.float32) * jnp.cos(x.astype(jnp.float32)))
+
+    g32 = jax.grad(loss, argnums=(0, 1, 2))(x.astype(jnp.float32), a, b)  # same input values
+    g16 = jax.grad(loss, argnums=(0, 1, 2))(x, a, b)
+    assert g16[1].dtype == jnp.float32 and g16[0].dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(g16[0], np.float32), g32[0], rtol=0.05, atol=0.05)
+    for got, expected in zip(g16[1:], g32[1:]):
+        np.testing.assert_allclose(got, expected, rtol=0.02, atol=0.02 * np.abs(expected).max())
