@@ -1,7 +1,8 @@
 """Decoder throughput of every OSS-Net variant at the official sizes, against this machine's GEMM rate.
 
-  python -m benchmarks.throughput [--points 8192] [--repeats 3] [--models oss_net_c,o_net]
-                                  [--gemm 4096] [--step-points 4096] [--no-step] [--dtype float32]
+  python -m benchmarks.throughput [--points 8192] [--repeats 2] [--step-repeats 1]
+                                  [--models oss_net_c,o_net] [--gemm 4096] [--step-points 4096]
+                                  [--no-step] [--dtype float32]
 Quick run: --points 2048 --repeats 2 --gemm 2048 --models oss_net_c --no-step.
 
 Writes benchmarks/results/throughput.json and throughput.md:
@@ -15,7 +16,8 @@ fwd = decoder forward in evaluation mode (patch encoder included, given patches 
 train = decoder forward + backward in training mode (batch statistics, gradients of the parameters
 and of the latents, no optimizer). flops_per_point is the analytic forward count of
 ossnet_jax/models/flops.py, gemm_gflops a float32 (n x n) @ (n x n) matmul, mfu = fwd FLOP/s / GEMM
-FLOP/s. Every time is the minimum over `repeats` runs after one compiling run. The GEMM is timed before
+FLOP/s. Every time is the minimum over `repeats` (`step-repeats` for the train step and the encoder)
+runs after one compiling run. The GEMM is timed before
 every model and after the last; gemm_gflops is the best of these, so a busy moment does not inflate MFU.
 """
 
@@ -194,7 +196,8 @@ def markdown(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points", type=int, default=8192)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--step-repeats", type=int, default=1)
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--gemm", type=int, default=4096, help="n of the n^3 GEMM")
     parser.add_argument("--step-points", type=int, default=4096)
@@ -228,7 +231,7 @@ def main() -> None:
     step = None
     if not args.no_step:
         step = full_step_seconds(
-            model_config("oss_net_c", args.dtype), args.step_points, args.repeats
+            model_config("oss_net_c", args.dtype), args.step_points, args.step_repeats
         )
         print(json.dumps(step), flush=True)
     result = {

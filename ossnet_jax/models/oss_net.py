@@ -28,7 +28,7 @@ FOURIER_KEY = 0  # fixed seed of the random Fourier frequencies (they are not tr
 class OSSNet(nn.Module):
     """Occupancy network with local patch observations, skip latents and a segmentation head.
 
-    `dtype` is the computation dtype ('float32' or 'bfloat16'); parameters, batch-norm statistics,
+    `dtype` is the computation dtype (jnp.float32 or jnp.bfloat16); parameters, batch-norm statistics,
     latents and logits stay float32.
     """
 
