@@ -87,6 +87,9 @@ def get_base_config(preset: str = "brats") -> ml_collections.ConfigDict:
     # K contiguous shards of the training cases, each feeding B / K slots of every batch; 0: one per
     # process. A run's batches depend on K only (data/schedule.py), so K = P on one process replays P.
     train.case_shards = 0
+    train.dtype = (
+        "float32"  # 'bfloat16': compute in bfloat16; parameters, loss, BN statistics float32
+    )
 
     config.eval = ev = ml_collections.ConfigDict()
     ev.threshold = 0.5
@@ -108,6 +111,7 @@ def get_base_config(preset: str = "brats") -> ml_collections.ConfigDict:
     ev.meshes = True  # eval/meshes/<id>_{prediction,label}.{ply,obj} in world mm
     ev.pictures = True  # eval/pictures/<id>_{slices,mesh}.png and eval/dice.png
     ev.batch_points = 2**15
+    ev.dtype = "float32"  # 'bfloat16': the predictor computes in bfloat16 (parameters stay float32)
 
     if preset == "lits":
         data.format = "lits"

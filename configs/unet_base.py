@@ -12,6 +12,8 @@ eval_points; eval.strategy and the refinement keys) and adds:
   train.slices_per_volume    unet2d: axial slices drawn per volume and step
   eval.window_shape, eval.overlap, eval.batch_windows   unet3d: sliding-window inference
   eval.batch_slices          unet2d: slices per forward pass
+train.dtype and eval.dtype are accepted but the U-Nets compute in float32 only: build_unet rejects
+'bfloat16' rather than ignore it.
 """
 
 import ml_collections

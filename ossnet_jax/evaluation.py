@@ -38,7 +38,7 @@ from ossnet_jax import checkpointing, families, files, outputs, postprocess, rep
 from ossnet_jax.data import dataset, labels, nifti
 from ossnet_jax.inference.mise import OctreeRefinement
 from ossnet_jax.inference.octree import BandRefinement, seed_from_segmentation
-from ossnet_jax.models.oss_net import OSSNet, downscale, observe, patch_source
+from ossnet_jax.models.oss_net import OSSNet, compute_dtype, downscale, observe, patch_source
 
 
 def _merged(defaults: dict, saved: dict) -> dict:
@@ -89,9 +89,13 @@ def _decode(
 
 
 class Predictor:
-    """Dense label maps of whole volumes; the decoder is compiled once for eval.batch_points locations."""
+    """Dense label maps of whole volumes; the decoder is compiled once for eval.batch_points locations.
+
+    The model computes in eval.dtype (float32 parameters; bfloat16 arithmetic if asked).
+    """
 
     def __init__(self, config: ml_collections.ConfigDict, model: OSSNet, variables: dict):
+        model = model.clone(dtype=compute_dtype(config.eval.get("dtype", "float32")))
         self.config = config
         self.spec = labels.label_spec(config.data)
         self.variables = variables

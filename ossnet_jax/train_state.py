@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from ossnet_jax.models.oss_net import OSSNet, downscale, observe, patch_source
+from ossnet_jax.models.oss_net import OSSNet, compute_dtype, downscale, observe, patch_source
 
 
 @flax.struct.dataclass
@@ -64,13 +64,16 @@ def patch_channels(config: ml_collections.ConfigDict) -> int:
 def model_inputs(
     config: ml_collections.ConfigDict, image: jax.Array, locations: jax.Array
 ) -> tuple[jax.Array, Optional[jax.Array]]:
-    """Encoder input (B, X/d, Y/d, Z/d, C) and patches (B, N, 7, 7, 7, Cp) (None without patches)."""
+    """Encoder input (B, X/d, Y/d, Z/d, C) and patches (B, N, 7, 7, 7, Cp) (None without patches).
+
+    Patches are cast to train.dtype (bfloat16 halves their memory); the model casts the rest.
+    """
     low = downscale(image, config.data.downscale)
     if not config.model.patches:
         return low, None
     size, large = config.model.patch_size, config.model.large_patches
     patches = jax.vmap(lambda v, loc: observe(patch_source(v, large), loc, size))(image, locations)
-    return low, patches
+    return low, patches.astype(compute_dtype(config.train.get("dtype", "float32")))
 
 
 def init_state(

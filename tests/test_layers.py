@@ -91,3 +91,56 @@ def test_spatial_shape_after_checks_divisibility():
     assert layers.spatial_shape_after((256, 256, 160), 2, 4) == (8, 8, 5)
     with pytest.raises(ValueError, match="divisible"):
         layers.spatial_shape_after((100, 96, 64), 2, 3)
+
+
+def _plain_pau(x, a, b):
+    p = sum(a[i] * x**i for i in range(6))
+    return p / (1 + sum(jnp.abs(b[j] * x ** (j + 1)) for j in range(4)))
+
+
+def test_pau_hand_written_gradients_equal_autodiff_of_the_formula():
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(np.concatenate([rng.normal(size=(40, 7)) * 2, np.zeros((1, 7))]), jnp.float32)
+    a = jnp.asarray(rng.normal(size=6), jnp.float32)
+    b = jnp.asarray(rng.normal(size=4) * [1, -1, 1, -1], jnp.float32)
+    weight = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+
+    def loss(fn):
+        return lambda x, a, b: jnp.sum(jnp.sin(fn(x, a, b)) * weight)
+
+    got = jax.grad(loss(layers.pau), argnums=(0, 1, 2))(x, a, b)
+    expected = jax.grad(loss(_plain_pau), argnums=(0, 1, 2))(x, a, b)
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=2e-4, atol=2e-4)
+
+
+def test_cbn_gradients_equal_the_plain_formula():
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(1.0, 2.0, size=(2, 30, 6)), jnp.float32)
+    latent = jnp.asarray(rng.normal(size=(2, 3)), jnp.float32)
+    module, variables = _cbn(x, latent, True)
+    params = jax.tree.map(
+        lambda p: p + jnp.asarray(rng.normal(size=p.shape) * 0.3, jnp.float32),
+        variables["params"],
+    )
+
+    def cbn(params, x, latent):
+        y, _ = module.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            x,
+            latent,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        return jnp.sum(jnp.sin(y))
+
+    def plain(params, x, latent):
+        gamma = latent @ params["gamma"]["kernel"] + params["gamma"]["bias"]
+        beta = latent @ params["beta"]["kernel"] + params["beta"]["bias"]
+        norm = (x - x.mean()) / jnp.sqrt(x.var() + layers.BN_EPSILON)
+        return jnp.sum(jnp.sin(norm * gamma[:, None] + beta[:, None]))
+
+    got = jax.grad(cbn, argnums=(0, 1, 2))(params, x, latent)
+    expected = jax.grad(plain, argnums=(0, 1, 2))(params, x, latent)
+    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=1e-4)

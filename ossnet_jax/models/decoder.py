@@ -1,5 +1,7 @@
 """The residual occupancy decoder with conditional batch norm (one row of locations per volume)."""
 
+from typing import Any, Optional
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -7,36 +9,78 @@ import jax.numpy as jnp
 from ossnet_jax.models.layers import ConditionalBatchNorm, make_activation
 
 
+class SplitDense(nn.Module):
+    """Dense of [x | context broadcast to every location], with the context's product once per volume.
+
+    Equal to nn.Dense(features) on concatenate([x, broadcast(context)], -1) with the same parameters
+    ('kernel' (Fx + L, features), 'bias' (features,)), but the context rows of the kernel multiply the
+    (B, L) context once instead of at each of the N locations.
+    """
+
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        """x: (B, N, Fx); context: (B, L). Returns (B, N, features)."""
+        fx = x.shape[-1]
+        kernel = self.param(
+            "kernel", nn.initializers.lecun_normal(), (fx + context.shape[-1], self.features)
+        )
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        per_volume = context.astype(jnp.float32) @ kernel[fx:] + bias  # (B, features)
+        y = x.astype(self.dtype) @ kernel[:fx].astype(self.dtype)
+        return y + per_volume[:, None, :].astype(self.dtype)
+
+
 class DecoderBlock(nn.Module):
-    """Linear -> CBN -> act -> dropout -> Linear -> CBN, plus a Linear shortcut if the width changes."""
+    """Linear -> CBN -> act -> dropout -> Linear -> CBN, plus a Linear shortcut if the width changes.
+
+    With a context (latent 0 of the first block) the input is [x | context] at every location; its
+    first Linear and shortcut are SplitDense (same parameters as a Dense of the concatenation).
+    """
 
     width: int
     activation: str = "pau"
     dropout: float = 0.0
+    dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, latent: jax.Array, train: bool) -> jax.Array:
-        """x: (B, N, Fin); latent: (B, L). Returns (B, N, width)."""
+    def __call__(
+        self, x: jax.Array, latent: jax.Array, train: bool, context: Optional[jax.Array] = None
+    ) -> jax.Array:
+        """x: (B, N, Fin); latent: (B, L) condition; context: (B, Lc) or None. Returns (B, N, width)."""
         act = make_activation(self.activation)
-        h = nn.Dense(self.width, name="dense1")(x)
-        h = act(name="act1")(ConditionalBatchNorm(self.width, name="cbn1")(h, latent, train))
+
+        def dense(name: str, h: jax.Array, with_context: bool) -> jax.Array:
+            if with_context:
+                return SplitDense(self.width, self.dtype, name=name)(h, context)
+            return nn.Dense(self.width, dtype=self.dtype, name=name)(h)
+
+        cbn = lambda name, h: ConditionalBatchNorm(self.width, self.dtype, name=name)(
+            h, latent, train
+        )
+        has_context = context is not None
+        h = act(name="act1")(cbn("cbn1", dense("dense1", x, has_context)))
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        h = nn.Dense(self.width, name="dense2")(h)
-        h = ConditionalBatchNorm(self.width, name="cbn2")(h, latent, train)
-        shortcut = x if x.shape[-1] == self.width else nn.Dense(self.width, name="shortcut")(x)
+        h = cbn("cbn2", dense("dense2", h, False))
+        width_in = x.shape[-1] + (context.shape[-1] if has_context else 0)
+        shortcut = x if width_in == self.width else dense("shortcut", x, has_context)
         return act(name="act2")(h + shortcut)
 
 
 class Decoder(nn.Module):
-    """Maps per-location inputs and per-volume latents to occupancy logits.
+    """Maps per-location features and per-volume latents to occupancy logits.
 
-    Block b is conditioned on latent b + 1 when there are more latents than one (skip encoder),
-    otherwise every block is conditioned on the one global latent.
+    Latent 0 is part of the first block's input at every location (applied once per volume, see
+    SplitDense). Block b is conditioned on latent b + 1 when there are more latents than one (skip
+    encoder), otherwise every block is conditioned on the one global latent.
 
     Attributes:
       width: hidden width (512 official).
       blocks: number of residual blocks (5 official).
       outputs: logits per location (1 for the binary task).
+      dtype: computation dtype (parameters stay float32); logits are returned in float32.
     """
 
     width: int = 512
@@ -44,43 +88,47 @@ class Decoder(nn.Module):
     outputs: int = 1
     activation: str = "pau"
     dropout: float = 0.0
+    dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, inputs: jax.Array, latents: jax.Array, train: bool) -> jax.Array:
-        """inputs: (B, N, Fin); latents: (B, K, L). Returns logits (B, N, outputs)."""
+    def __call__(self, features: jax.Array, latents: jax.Array, train: bool) -> jax.Array:
+        """features: (B, N, Fl) per location; latents: (B, K, L). Returns logits (B, N, outputs).
+
+        The first block's input is [features | latent 0], Fl + L wide.
+        """
         k = latents.shape[1]
         if k not in (1, self.blocks + 1):
             raise ValueError(
                 f"decoder with {self.blocks} blocks needs 1 or {self.blocks + 1} latents, got {k}"
             )
-        x = inputs
+        x = features.astype(self.dtype)
         for b in range(self.blocks):
             latent = latents[:, b + 1] if k > 1 else latents[:, 0]
-            x = DecoderBlock(self.width, self.activation, self.dropout, name=f"block{b}")(
-                x, latent, train
+            block = DecoderBlock(
+                self.width, self.activation, self.dropout, self.dtype, name=f"block{b}"
             )
-        return nn.Dense(self.outputs, use_bias=False, name="out")(x)
+            x = block(x, latent, train, latents[:, 0] if b == 0 else None)
+        logits = nn.Dense(self.outputs, use_bias=False, dtype=self.dtype, name="out")(x)
+        return logits.astype(jnp.float32)
 
 
 def decoder_inputs(
     locations: jax.Array,
     grid_shape: tuple[int, int, int],
-    patch_features,
-    latent0,
+    patch_features: Optional[jax.Array],
     encoding: str,
     fourier: jax.Array | None,
 ) -> jax.Array:
-    """Concatenates [location code | patch features | latent 0] per location.
+    """Concatenates [location code | patch features] per location (latent 0 is added by the Decoder).
 
     Args:
       locations: (B, N, 3) integer voxel indices of the padded grid.
       grid_shape: (X, Y, Z) of that grid.
       patch_features: (B, N, P) or None.
-      latent0: (B, L), broadcast to every location.
       encoding: 'normalized' maps indices to [-1, 1]; 'voxel' keeps raw indices (official release).
       fourier: (3, F) random frequencies or None; adds sin and cos of 2 pi * normalized location @ B.
     Returns:
-      (B, N, 3 [+ 2F] [+ P] + L).
+      (B, N, 3 [+ 2F] [+ P]) float32.
     """
     loc = locations.astype(jnp.float32)
     unit = 2.0 * loc / (jnp.asarray(grid_shape, jnp.float32) - 1.0) - 1.0
@@ -97,6 +145,4 @@ def decoder_inputs(
         parts += [jnp.sin(angle), jnp.cos(angle)]
     if patch_features is not None:
         parts.append(patch_features.astype(jnp.float32))
-    n = locations.shape[1]
-    parts.append(jnp.broadcast_to(latent0[:, None, :], (latent0.shape[0], n, latent0.shape[-1])))
     return jnp.concatenate(parts, axis=-1)

@@ -6,12 +6,13 @@ half the block's channels; all are concatenated and a conv5^3 makes K = decoder_
 each flattened into one latent. The latent grid is the last block's spatial shape (8x8x5 for BraTS).
 """
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ossnet_jax.models.conv import Conv3D
 from ossnet_jax.models.layers import BN_EPSILON, BN_MOMENTUM, ResidualBlock3D, make_activation
 
 
@@ -32,12 +33,17 @@ class ConvBNAct(nn.Module):
     features: int
     kernel: int = 5
     activation: str = "pau"
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = nn.Conv(self.features, (self.kernel,) * 3, use_bias=False, name="conv")(x)
+        x = Conv3D(self.features, self.kernel, use_bias=False, dtype=self.dtype, name="conv")(x)
         x = nn.BatchNorm(
-            use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name="bn"
+            use_running_average=not train,
+            momentum=BN_MOMENTUM,
+            epsilon=BN_EPSILON,
+            dtype=self.dtype,
+            name="bn",
         )(x)
         return make_activation(self.activation)(name="act")(x)
 
@@ -51,6 +57,8 @@ class Encoder(nn.Module):
       num_latents: K for the skip encoder (decoder blocks + 1).
       seg_head: also return the conv5^3 segmentation logits of the last block: (B, sx, sy, sz) for
         one channel, (B, sx, sy, sz, seg_channels) for several.
+      dtype: computation dtype (parameters and BatchNorm statistics float32); latents and logits are
+        returned in float32.
     """
 
     kind: str = "skip"
@@ -60,33 +68,37 @@ class Encoder(nn.Module):
     activation: str = "pau"
     dropout: float = 0.0
     seg_channels: int = 1
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, Optional[jax.Array]]:
         if self.kind not in ("plain", "skip"):
             raise ValueError(f"model.encoder must be 'plain' or 'skip', got {self.kind!r}")
+        x = x.astype(self.dtype)
         features = []
         for i, ch in enumerate(self.channels):
-            x = ResidualBlock3D(ch, self.activation, self.dropout, name=f"block{i}")(x, train)
+            block = ResidualBlock3D(ch, self.activation, self.dropout, self.dtype, name=f"block{i}")
+            x = block(x, train)
             features.append(x)
         latent_grid = x.shape[1:4]
         if self.kind == "plain":
-            z = ConvBNAct(1, 5, self.activation, name="to_latent")(x, train)
+            z = ConvBNAct(1, 5, self.activation, self.dtype, name="to_latent")(x, train)
         else:
             pooled = [
-                ConvBNAct(max(f.shape[-1] // 2, 1), 5, self.activation, name=f"skip{i}")(
-                    adaptive_max_pool(f, latent_grid), train
-                )
+                ConvBNAct(
+                    max(f.shape[-1] // 2, 1), 5, self.activation, self.dtype, name=f"skip{i}"
+                )(adaptive_max_pool(f, latent_grid), train)
                 for i, f in enumerate(features)
             ]
-            z = ConvBNAct(self.num_latents, 5, self.activation, name="to_latent")(
+            z = ConvBNAct(self.num_latents, 5, self.activation, self.dtype, name="to_latent")(
                 jnp.concatenate(pooled, axis=-1), train
             )
         batch, k = z.shape[0], z.shape[-1]
-        latents = jnp.moveaxis(z, -1, 1).reshape(batch, k, -1)
+        latents = jnp.moveaxis(z, -1, 1).reshape(batch, k, -1).astype(jnp.float32)
         seg = None
         if self.seg_head:
-            seg = nn.Conv(self.seg_channels, (5, 5, 5), name="seg_head")(x)
+            seg = Conv3D(self.seg_channels, 5, dtype=self.dtype, name="seg_head")(x)
+            seg = seg.astype(jnp.float32)
             if self.seg_channels == 1:
                 seg = seg[..., 0]
         return latents, seg

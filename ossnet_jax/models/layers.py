@@ -3,11 +3,13 @@
 Arrays are channels-last everywhere: volumes (B, X, Y, Z, C), location features (B, N, F).
 """
 
-from typing import Callable
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from ossnet_jax.models.conv import Conv3D
 
 # Least-squares fit of P(x) / (1 + |b1 x| + ... + |b4 x^4|) to leaky ReLU (slope 0.01) on [-3, 3];
 # maximum error 0.03, RMS error 0.005 (see tests/test_layers.py).
@@ -18,14 +20,10 @@ BN_MOMENTUM = 0.9  # running average keeps 90 %: PyTorch's momentum 0.1
 BN_EPSILON = 1e-5
 
 
-def pau(x: jax.Array, numerator: jax.Array, denominator: jax.Array) -> jax.Array:
-    """Safe Pade activation unit: P(x) / (1 + sum_j |b_j x^j|), P of degree 5, Q of degree 4.
-
-    Args:
-      x: any shape.
-      numerator: (6,) coefficients a0..a5 of P.
-      denominator: (4,) coefficients b1..b4 of Q.
-    """
+def _pau_terms(
+    x: jax.Array, numerator: jax.Array, denominator: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """P(x) and Q(x) = 1 + sum_j |b_j x^j| elementwise (Horner for P)."""
     p = numerator[5]
     for a in numerator[4::-1]:
         p = p * x + a
@@ -35,7 +33,68 @@ def pau(x: jax.Array, numerator: jax.Array, denominator: jax.Array) -> jax.Array
         q = q + jnp.abs(denominator[j] * power)
         if j < 3:
             power = power * x
+    return p, q
+
+
+@jax.custom_vjp
+def pau(x: jax.Array, numerator: jax.Array, denominator: jax.Array) -> jax.Array:
+    """Safe Pade activation unit: P(x) / (1 + sum_j |b_j x^j|), P of degree 5, Q of degree 4.
+
+    The backward pass is hand-written so that the ten coefficient gradients are one variadic
+    reduction (a single pass over x, accumulated in float32) instead of ten (benchmarks/NOTES.md).
+
+    Args:
+      x: any shape.
+      numerator: (6,) coefficients a0..a5 of P.
+      denominator: (4,) coefficients b1..b4 of Q.
+    """
+    p, q = _pau_terms(x, numerator, denominator)
     return p / q
+
+
+def _pau_fwd(x, numerator, denominator):
+    return pau(x, numerator, denominator), (x, numerator, denominator)
+
+
+def _pau_bwd(residuals, g):
+    """d/dx = (P' - P Q' / Q) / Q; d/da_i = x^i / Q; d/db_j = -P / Q^2 s_j x^j.
+
+    s_j = sign(b_j x^j) with sign(0) = +1, the convention of JAX's derivative of |.|, so this equals
+    autodiff of the formula everywhere, including x = 0 (zero-padded patches) and b_j = 0.
+    """
+    x, numerator, denominator = residuals
+    p, q = _pau_terms(x, numerator, denominator)
+    dp = 5.0 * numerator[5]
+    for i in range(4, 0, -1):
+        dp = dp * x + i * numerator[i]
+    x32 = x.astype(jnp.float32)
+    den32 = denominator.astype(jnp.float32)
+    powers = [x32]  # x^1 .. x^5 in float32
+    for _ in range(4):
+        powers.append(powers[-1] * x32)
+    signs = [jnp.where(den32[j] * powers[j] >= 0, 1.0, -1.0) for j in range(4)]  # s_1 .. s_4
+    dq = den32[0] * signs[0]
+    for j in range(2, 5):
+        dq = dq + signs[j - 1] * den32[j - 1] * j * powers[j - 2]
+    inv_q = 1.0 / q
+    dx = g * (dp - p * inv_q * dq.astype(x.dtype)) * inv_q
+    u = (g * inv_q).astype(jnp.float32)
+    v = (-g * p * inv_q * inv_q).astype(jnp.float32)
+    terms = [u] + [u * powers[i - 1] for i in range(1, 6)]
+    terms += [v * signs[j - 1] * powers[j - 1] for j in range(1, 5)]
+    terms = tuple(t.reshape(-1) for t in terms)
+    sums = jax.lax.reduce(
+        terms,
+        tuple(jnp.zeros((), jnp.float32) for _ in terms),
+        lambda a, b: tuple(ai + bi for ai, bi in zip(a, b)),
+        (0,),
+    )
+    d_num = jnp.stack(sums[:6]).astype(numerator.dtype)
+    d_den = jnp.stack(sums[6:]).astype(denominator.dtype)
+    return dx, d_num, d_den
+
+
+pau.defvjp(_pau_fwd, _pau_bwd)
 
 
 class PAU(nn.Module):
@@ -74,9 +133,11 @@ class ConditionalBatchNorm(nn.Module):
 
     Attributes:
       features: F, the width of x.
+      dtype: dtype of the output; statistics, gamma and beta are computed in float32.
     """
 
     features: int
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, latent: jax.Array, train: bool) -> jax.Array:
@@ -105,8 +166,12 @@ class ConditionalBatchNorm(nn.Module):
             bias_init=nn.initializers.zeros,
             name="beta",
         )(latent)
-        x = (x - mean.astype(x.dtype)) * scale.astype(x.dtype)
-        return x * gamma[:, None, :].astype(x.dtype) + beta[:, None, :].astype(x.dtype)
+        # one multiply-add per value: x * (scale gamma) + (beta - mean scale gamma)
+        a = scale * gamma
+        c = beta - mean * a
+        return x.astype(self.dtype) * a[:, None, :].astype(self.dtype) + c[:, None, :].astype(
+            self.dtype
+        )
 
 
 def avg_pool2(x: jax.Array) -> jax.Array:
@@ -117,28 +182,34 @@ def avg_pool2(x: jax.Array) -> jax.Array:
 class ResidualBlock3D(nn.Module):
     """conv3^3 -> BN -> act -> avgpool2 -> dropout -> conv3^3 -> BN, plus a pooled (1^3 conv) shortcut.
 
-    Halves every spatial axis: (B, X, Y, Z, Cin) -> (B, X/2, Y/2, Z/2, features).
+    Halves every spatial axis: (B, X, Y, Z, Cin) -> (B, X/2, Y/2, Z/2, features), computed in `dtype`
+    (BatchNorm statistics in float32).
     """
 
     features: int
     activation: str = "pau"
     dropout: float = 0.0
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         act = make_activation(self.activation)
         norm = lambda name: nn.BatchNorm(
-            use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name
+            use_running_average=not train,
+            momentum=BN_MOMENTUM,
+            epsilon=BN_EPSILON,
+            dtype=self.dtype,
+            name=name,
         )
-        h = nn.Conv(self.features, (3, 3, 3), use_bias=False, name="conv1")(x)
+        h = Conv3D(self.features, 3, use_bias=False, dtype=self.dtype, name="conv1")(x)
         h = act(name="act1")(norm("bn1")(h))
         h = avg_pool2(h)
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        h = nn.Conv(self.features, (3, 3, 3), use_bias=False, name="conv2")(h)
+        h = Conv3D(self.features, 3, use_bias=False, dtype=self.dtype, name="conv2")(h)
         h = norm("bn2")(h)
         shortcut = x
         if x.shape[-1] != self.features:
-            shortcut = nn.Conv(self.features, (1, 1, 1), name="shortcut")(shortcut)
+            shortcut = Conv3D(self.features, 1, dtype=self.dtype, name="shortcut")(shortcut)
         return act(name="act2")(h + avg_pool2(shortcut))
 
 

@@ -5,7 +5,7 @@ with d = data.downscale; locations (B, N, 3) integer voxel indices; logits (B, N
 (binary), (B, N, O) for several (multi-class, regions; see data/labels.py).
 """
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -26,7 +26,11 @@ FOURIER_KEY = 0  # fixed seed of the random Fourier frequencies (they are not tr
 
 
 class OSSNet(nn.Module):
-    """Occupancy network with local patch observations, skip latents and a segmentation head."""
+    """Occupancy network with local patch observations, skip latents and a segmentation head.
+
+    `dtype` is the computation dtype (jnp.float32 or jnp.bfloat16); parameters, batch-norm statistics,
+    latents and logits stay float32.
+    """
 
     grid_shape: tuple[int, int, int]
     encoder: str = "skip"
@@ -43,6 +47,7 @@ class OSSNet(nn.Module):
     location_encoding: str = "normalized"
     num_outputs: int = 1
     seg_channels: int = 1
+    dtype: Any = jnp.float32
 
     def setup(self):
         self.encoder_net = Encoder(
@@ -53,11 +58,19 @@ class OSSNet(nn.Module):
             self.activation,
             self.dropout,
             self.seg_channels,
+            self.dtype,
         )
         if self.patches:
-            self.patch_net = PatchEncoder(self.patch_size, self.activation, self.dropout)
+            self.patch_net = PatchEncoder(
+                self.patch_size, self.activation, self.dropout, self.dtype
+            )
         self.decoder_net = Decoder(
-            self.decoder_width, self.decoder_blocks, self.num_outputs, self.activation, self.dropout
+            self.decoder_width,
+            self.decoder_blocks,
+            self.num_outputs,
+            self.activation,
+            self.dropout,
+            self.dtype,
         )
 
     def encode(self, volume_low: jax.Array, train: bool) -> tuple[jax.Array, Optional[jax.Array]]:
@@ -77,7 +90,7 @@ class OSSNet(nn.Module):
                 jax.random.key(FOURIER_KEY), (3, self.fourier_features), jnp.float32
             )
         inputs = decoder_inputs(
-            locations, self.grid_shape, features, latents[:, 0], self.location_encoding, fourier
+            locations, self.grid_shape, features, self.location_encoding, fourier
         )
         logits = self.decoder_net(inputs, latents, train)
         return logits[..., 0] if self.num_outputs == 1 else logits
@@ -89,8 +102,21 @@ class OSSNet(nn.Module):
         return self.decode(locations, patches, latents, train), seg
 
 
-def build_model(config: ml_collections.ConfigDict) -> OSSNet:
-    """The model described by config.model for the grid and label mode of config.data."""
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str) -> Any:
+    """The jnp dtype of a train.dtype / eval.dtype value; ValueError for others."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def build_model(config: ml_collections.ConfigDict, dtype: Optional[str] = None) -> OSSNet:
+    """The model described by config.model for the grid and label mode of config.data.
+
+    It computes in `dtype` ('float32' | 'bfloat16'), by default config.train.dtype.
+    """
     m = config.model
     if m.name != "oss_net":
         raise ValueError(f"model.name {m.name!r} is not an occupancy network model")
@@ -115,6 +141,7 @@ def build_model(config: ml_collections.ConfigDict) -> OSSNet:
         fourier_features=m.fourier_features,
         fourier_scale=m.fourier_scale,
         location_encoding=m.location_encoding,
+        dtype=compute_dtype(config.train.get("dtype", "float32") if dtype is None else dtype),
     )
 
 

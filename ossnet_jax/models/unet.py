@@ -152,6 +152,9 @@ def build_unet(config: ml_collections.ConfigDict) -> ResidualUNet:
         raise ValueError(f"model.name {m.name!r} is not a U-Net; choose one of {sorted(FAMILIES)}")
     if len(m.channels) < 1:
         raise ValueError("model.channels needs at least one level")
+    for key in ("train", "eval"):
+        if config[key].get("dtype", "float32") != "float32":
+            raise ValueError(f"{key}.dtype: the U-Nets compute in float32 only")
     cls = UNet3D if FAMILIES[m.name] == 3 else UNet2D
     return cls(
         channels=tuple(m.channels),

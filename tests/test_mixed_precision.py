@@ -1,0 +1,103 @@
+"""train.dtype / eval.dtype 'bfloat16': bfloat16 arithmetic, float32 parameters, loss and statistics."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ossnet_jax import train_state, training
+from ossnet_jax.data import dataset
+from ossnet_jax.evaluation import Predictor
+from ossnet_jax.models import layers
+from ossnet_jax.models.oss_net import build_model
+from ossnet_jax.models.unet import build_unet
+from tests.conftest import TINY_GRID, tiny_config, tiny_unet_config
+
+
+def test_bfloat16_forward_is_close_to_float32(tmp_path):
+    """Same float32 parameters: probabilities agree within 0.05 (bfloat16 keeps 8 mantissa bits)."""
+    config = tiny_config(tmp_path, activation="relu")
+    model32 = build_model(config)
+    model16 = build_model(config, "bfloat16")
+    image = jax.random.normal(jax.random.key(0), (2,) + TINY_GRID + (4,))
+    locs = jax.random.randint(jax.random.key(1), (2, 64, 3), 0, jnp.asarray(TINY_GRID))
+    low, patches = train_state.model_inputs(config, image, locs)
+    variables = model32.init(jax.random.key(2), low, locs, patches, train=False)
+    (p32, s32), (p16, s16) = [
+        jax.jit(functools.partial(m.apply, train=False))(variables, low, locs, patches)
+        for m in (model32, model16)
+    ]
+    assert p16.dtype == jnp.float32 and s16.dtype == jnp.float32
+    assert jax.tree.leaves(variables["params"])[0].dtype == jnp.float32
+    np.testing.assert_allclose(jax.nn.sigmoid(p16), jax.nn.sigmoid(p32), atol=0.05)
+    np.testing.assert_allclose(jax.nn.sigmoid(s16), jax.nn.sigmoid(s32), atol=0.05)
+    assert not np.allclose(np.asarray(p16), np.asarray(p32), atol=1e-6)  # really computed in bf16
+
+
+def test_bfloat16_train_step_keeps_float32_parameters(synthetic_root):
+    config = tiny_config(synthetic_root, activation="relu")  # PAU in bfloat16: the test below
+    config.train.dtype = "bfloat16"
+    train_cases, _ = dataset.load_split(config)
+    model = build_model(config)
+    tx = train_state.make_optimizer(config)
+    state = train_state.init_state(config, model, tx, jax.random.key(0))
+    step = jax.jit(functools.partial(training.train_step, model=model, tx=tx, config=config))
+    batch = jax.device_put(dataset.stack_batch(train_cases[:2]))
+    new, out = step(state, batch, jax.random.key(1))
+    assert out["loss"].dtype == jnp.float32 and np.isfinite(float(out["loss"]))
+    assert int(out["skipped"]) == 0
+    for tree in (new.params.fast, new.params.slow, new.batch_stats):
+        assert {leaf.dtype for leaf in jax.tree.leaves(tree)} == {jnp.dtype(jnp.float32)}
+    moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), new.params.fast, state.params.fast)
+    assert all(jax.tree.leaves(moved))
+
+
+def test_predictor_computes_in_eval_dtype(tmp_path):
+    config = tiny_config(tmp_path, activation="relu")
+    model = build_model(config)
+    image = jax.random.normal(jax.random.key(0), TINY_GRID + (4,))
+    locs = np.asarray(jax.random.randint(jax.random.key(1), (100, 3), 0, jnp.asarray(TINY_GRID)))
+    low, patches = train_state.model_inputs(config, image[None], jnp.asarray(locs)[None])
+    variables = model.init(jax.random.key(2), low, jnp.asarray(locs)[None], patches, train=False)
+    probs = {}
+    for dtype in ("float32", "bfloat16"):
+        config.eval.dtype = dtype
+        predictor = Predictor(config, model, variables)
+        latents, _, source = predictor.encode(variables, image)
+        probs[dtype] = predictor.decode_all(latents, source, locs)
+    np.testing.assert_allclose(probs["bfloat16"], probs["float32"], atol=0.05)
+    assert not np.allclose(probs["bfloat16"], probs["float32"], atol=1e-6)
+
+
+def test_unknown_dtype_is_rejected(tmp_path):
+    config = tiny_config(tmp_path)
+    config.train.dtype = "float16"
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        build_model(config)
+
+
+def test_unets_reject_bfloat16_instead_of_ignoring_it(tmp_path):
+    config = tiny_unet_config(tmp_path, "unet3d")
+    config.eval.dtype = "bfloat16"
+    with pytest.raises(ValueError, match="float32 only"):
+        build_unet(config)
+
+
+def test_pau_gradients_in_bfloat16_are_close_to_float32():
+    """bfloat16 input, float32 coefficient accumulation: coefficient gradients within 2 %."""
+    x = (jax.random.normal(jax.random.key(0), (64, 32)) * 2).astype(jnp.bfloat16)
+    a = jnp.asarray(layers.PAU_INIT_NUMERATOR)
+    b = jnp.asarray(layers.PAU_INIT_DENOMINATOR)
+
+    def loss(x, a, b):
+        y = layers.pau(x, a.astype(x.dtype), b.astype(x.dtype))
+        return jnp.sum(y.astype(jnp.float32) * jnp.cos(x.astype(jnp.float32)))
+
+    g32 = jax.grad(loss, argnums=(0, 1, 2))(x.astype(jnp.float32), a, b)  # same input values
+    g16 = jax.grad(loss, argnums=(0, 1, 2))(x, a, b)
+    assert g16[1].dtype == jnp.float32 and g16[0].dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(g16[0], np.float32), g32[0], rtol=0.05, atol=0.05)
+    for got, expected in zip(g16[1:], g32[1:]):
+        np.testing.assert_allclose(got, expected, rtol=0.02, atol=0.02 * np.abs(expected).max())
