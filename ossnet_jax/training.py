@@ -77,8 +77,8 @@ def prepare_inputs(
     t = config.train
     k_aug, k_loc, _ = jax.random.split(jax.random.fold_in(rng, step), 3)
     b = batch["image"].shape[0]
-    image, target, band = jax.vmap(lambda k, i, g, d: augment.augment(k, i, g, d, t))(
-        jax.random.split(k_aug, b), batch["image"], batch["target"], batch["band"]
+    image, target, band = augment.augment_batch(
+        k_aug, batch["image"], batch["target"], batch["band"], t
     )
     locs = jax.vmap(lambda k, d: sampling.sample_locations(k, d, t.num_points, t.border_fraction))(
         jax.random.split(k_loc, b), band

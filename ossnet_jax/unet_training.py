@@ -127,9 +127,8 @@ def train_step(
     t = config.train
     rng = jax.random.fold_in(rng, state.step)
     k_aug, k_sample, k_drop = jax.random.split(rng, 3)
-    b = batch["image"].shape[0]
-    image, target, _ = jax.vmap(lambda k, i, g, d: augment.augment(k, i, g, d, t))(
-        jax.random.split(k_aug, b), batch["image"], batch["target"], batch["band"]
+    image, target, _ = augment.augment_batch(
+        k_aug, batch["image"], batch["target"], batch["band"], t
     )
     if model.spatial_dims == 2:
         inputs, index = random_slices(

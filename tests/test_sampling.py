@@ -88,3 +88,22 @@ def test_augment_intensity_changes_have_the_configured_size():
     out = np.asarray(out)
     assert abs(out.mean()) <= 0.15 + 0.01
     assert abs(out.std() - 0.15) < 0.01
+
+
+def test_augment_batch_loop_equals_the_vmapped_augmentation():
+    cfg = ml_collections.ConfigDict(
+        dict(flip_probability=0.5, brightness_shift=0.15, noise_std=0.15, augment_probability=0.5)
+    )
+    rng = np.random.default_rng(1)
+    images = jnp.asarray(rng.normal(size=(6, 6, 5, 4, 2)), jnp.float32)
+    targets = (images[..., 0] > 0).astype(jnp.uint8)
+    bands = images[..., 1] > 0
+    key = jax.random.key(7)
+    looped = jax.jit(lambda *a: augment.augment_batch(key, *a, cfg))(images, targets, bands)
+    vmapped = jax.vmap(lambda k, i, g, d: augment.augment(k, i, g, d, cfg))(
+        jax.random.split(key, 6), images, targets, bands
+    )
+    np.testing.assert_allclose(np.asarray(looped[0]), np.asarray(vmapped[0]), rtol=0, atol=1e-6)
+    for a, b in zip(looped[1:], vmapped[1:]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(looped[0]), np.asarray(images))  # something was applied
