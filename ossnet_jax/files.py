@@ -8,15 +8,8 @@ from typing import Any
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    """Writes `text` to `path` atomically; creates the parent folder."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Writes `text` (UTF-8) to `path` atomically; creates the parent folder."""
+    write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> None:
