@@ -70,9 +70,10 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_two_device_step_equals_one_device_step(synthetic_root, tmp_path):
+def _on_two_devices(script: str, *args: str) -> str:
+    """Runs `script` in a fresh python with two CPU devices; asserts it succeeds, returns its stdout."""
     result = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(synthetic_root)],
+        [sys.executable, "-c", script, *args],
         cwd=REPO,
         env=_env(),
         capture_output=True,
@@ -80,7 +81,11 @@ def test_two_device_step_equals_one_device_step(synthetic_root, tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert result.stdout.startswith("OK")
+    return result.stdout
+
+
+def test_two_device_step_equals_one_device_step(synthetic_root, tmp_path):
+    assert _on_two_devices(SCRIPT, str(synthetic_root)).startswith("OK")
 
 
 EVALUATE = textwrap.dedent(
@@ -118,15 +123,7 @@ def test_two_device_evaluation_equals_one_device(synthetic_root, tmp_path):
     files.write_json(workdir / "config.json", json.loads(config.to_json()))
     train, val = dataset.load_split(config)
     one = evaluation.evaluate(config, workdir, train + val, tmp_path / "one")
-    result = subprocess.run(
-        [sys.executable, "-c", EVALUATE, str(workdir), str(tmp_path / "two")],
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    _on_two_devices(EVALUATE, str(workdir), str(tmp_path / "two"))
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
     assert drop(two["cases"]) == drop(one["cases"]) and two["mean"] == one["mean"]
