@@ -72,7 +72,7 @@ class _NoFailedReadTasks(logging.Filter):
 
 
 def _quiet_failed_read_aftermath() -> None:
-    """From the first failed restore on, drops its aftermath (see is_failed_read_aftermath)."""
+    """From the first restore on, drops the aftermath of failed reads (see is_failed_read_aftermath)."""
     previous = sys.unraisablehook
     if getattr(previous, "drops_failed_reads", False):
         return
@@ -210,10 +210,10 @@ class Checkpoints:
                 f"{len(mismatches)} arrays differ in shape or are missing, first ones:\n{shown}"
                 + (f"\n  ... and {more} more" if more > 0 else "")
             )
+        _quiet_failed_read_aftermath()  # before: the aftermath can print before the error reaches us
         try:
             return self.manager.restore(step, args=ocp.args.StandardRestore(target))
         except Exception as error:
-            _quiet_failed_read_aftermath()
             raise CorruptCheckpointError(path, _reason(error)) from error
 
     def restore_latest(self, target: Any) -> tuple[int, Any]:
