@@ -82,19 +82,24 @@ def init_state(
     tx: optax.GradientTransformation,
     rng: jax.Array,
 ) -> TrainState:
-    """Fresh parameters and optimizer state for one-volume input shapes of the config."""
+    """Fresh parameters and optimizer state for one-volume input shapes of the config.
+
+    One compiled program: run op by op, the initialisation of even a tiny model took ~20 s on the
+    2-core CPU (every primitive compiled on its own).
+    """
     grid = tuple(config.data.grid_shape)
     d = config.data.downscale
-    low = jnp.zeros((1,) + tuple(g // d for g in grid) + (config.data.num_channels,))
-    locs = jnp.zeros((1, 2, 3), jnp.int32)
+    low_shape = (1,) + tuple(g // d for g in grid) + (config.data.num_channels,)
     size = config.model.patch_size
-    patches = (
-        jnp.zeros((1, 2, size, size, size, patch_channels(config)))
-        if config.model.patches
-        else None
-    )
-    variables = model.init({"params": rng}, low, locs, patches, train=False)
-    return state_from_variables(variables, tx)
+    patch_shape = (1, 2, size, size, size, patch_channels(config))
+
+    def init(rng: jax.Array) -> TrainState:
+        patches = jnp.zeros(patch_shape) if config.model.patches else None
+        locs = jnp.zeros((1, 2, 3), jnp.int32)
+        variables = model.init({"params": rng}, jnp.zeros(low_shape), locs, patches, train=False)
+        return state_from_variables(variables, tx)
+
+    return jax.jit(init)(rng)
 
 
 def state_from_variables(variables: dict, tx: optax.GradientTransformation) -> TrainState:
@@ -126,11 +131,15 @@ def guarded_update(
     finite = jnp.isfinite(loss) & jnp.all(
         jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
     )
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    updated = state.replace(
-        params=optax.apply_updates(state.params, updates),
-        batch_stats=batch_stats,
-        opt_state=opt_state,
-    )
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+
+    def apply(state: TrainState) -> TrainState:
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        return state.replace(
+            params=optax.apply_updates(state.params, updates),
+            batch_stats=batch_stats,
+            opt_state=opt_state,
+        )
+
+    # a conditional rather than a select per array: the same values, and a third of the compile time
+    new_state = jax.lax.cond(finite, apply, lambda state: state, state)
     return new_state.replace(step=state.step + 1), jnp.logical_not(finite).astype(jnp.int32)
