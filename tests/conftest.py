@@ -1,7 +1,24 @@
-"""Shared fixtures: tiny OSS-Net and U-Net configurations and a tiny synthetic BraTS dataset on disk."""
+"""Shared fixtures: tiny OSS-Net and U-Net configurations and a tiny synthetic BraTS dataset on disk.
 
+Every test, and every python subprocess a test starts (they inherit the environment), shares one
+persistent JAX compilation cache in a folder made for the session: the tiny train step that many tests
+and train.py runs compile is compiled once. It is set here, before anything imports jax; a cache folder
+already named in JAX_COMPILATION_CACHE_DIR is used instead.
+"""
+
+import atexit
 import importlib
+import os
 import pathlib
+import shutil
+import tempfile
+
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="ossnet_jax_test_cache_")
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import ml_collections
 import pytest

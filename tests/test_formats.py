@@ -186,6 +186,8 @@ def test_train_and_evaluate_on_each_layout(name, request, tmp_path):
         config.data.region_labels = regions
     config.train.steps = 2
     config.model.activation = "relu"  # compiles faster; the layouts are what is tested
+    config.model.encoder_channels = (4,)
+    config.model.decoder_blocks = 1
     if mode == "binary":  # also: the octree strategy, checked against dense evaluation
         config.eval.strategy = "octree"
         config.eval.compare_dense = True

@@ -44,6 +44,8 @@ def run_config(root: pathlib.Path) -> ml_collections.ConfigDict:
     config.model.encoder = "plain"  # depend on the variant
     config.model.patches = False
     config.model.seg_head = False
+    config.model.encoder_channels = (4,)
+    config.model.decoder_blocks = 1
     config.train.steps = 2
     config.train.log_every = 1
     config.train.case_shards = 2  # the single-process run replays the 2-process batches

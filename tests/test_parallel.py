@@ -48,6 +48,8 @@ SCRIPT = textwrap.dedent(
     assert parallel.data_mesh(3) is None and parallel.data_mesh(4).size == 2
     config = tiny_config(pathlib.Path(sys.argv[1]))
     config.model.activation = "relu"  # compiles faster; sharding is what is tested
+    config.model.encoder_channels = (4,)
+    config.model.decoder_blocks = 1
     train_cases, _ = dataset.load_split(config)
     model, tx = build_model(config), make_optimizer(config)
     state = init_state(config, model, tx, jax.random.key(0))

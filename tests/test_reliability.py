@@ -248,7 +248,8 @@ def test_evaluate_skips_cases_done_for_the_same_step_unless_overwrite(two_steps,
     assert "reusing" not in capsys.readouterr().out
 
 
-# train.py subprocesses. They share one persistent JAX compilation cache, so only the first compiles.
+# train.py subprocesses. They share the session's persistent JAX compilation cache (conftest.py), so
+# only the first compiles.
 STEPS = 6
 RUN_CONFIG = """# tiny_config without validation cases, {steps} steps, a checkpoint every 2, a row per step.
 
@@ -313,9 +314,6 @@ def start_run(synthetic_root, tmp_path_factory):
     env = {
         **os.environ,
         "PYTHONUNBUFFERED": "1",
-        "JAX_COMPILATION_CACHE_DIR": str(folder / "jax_cache"),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
     }
     runs = iter(range(100))
 
