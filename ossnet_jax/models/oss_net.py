@@ -48,6 +48,7 @@ class OSSNet(nn.Module):
     num_outputs: int = 1
     seg_channels: int = 1
     dtype: Any = jnp.float32
+    remat: bool = False  # train.remat: the decoder blocks store only their inputs for the backward pass
 
     def setup(self):
         self.encoder_net = Encoder(
@@ -71,6 +72,7 @@ class OSSNet(nn.Module):
             self.activation,
             self.dropout,
             self.dtype,
+            self.remat,
         )
 
     def encode(self, volume_low: jax.Array, train: bool) -> tuple[jax.Array, Optional[jax.Array]]:
@@ -142,6 +144,7 @@ def build_model(config: ml_collections.ConfigDict, dtype: Optional[str] = None) 
         fourier_scale=m.fourier_scale,
         location_encoding=m.location_encoding,
         dtype=compute_dtype(config.train.get("dtype", "float32") if dtype is None else dtype),
+        remat=config.train.get("remat", False),
     )
 
 
