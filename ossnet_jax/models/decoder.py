@@ -86,7 +86,7 @@ def _recomputed_block(
         return mdl(x, latent, True, context)
 
     def forward(mdl, x, latent, context):
-        y = mdl(x, latent, True, context)
+        y = run(mdl, x, latent, context)
         variables = {"params": mdl.variables["params"], "batch_stats": mdl.variables["batch_stats"]}
         return y, (variables, x, latent, context)
 
