@@ -195,3 +195,17 @@ def test_residual_block_equals_reference_order_with_gradients():
     np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-5, atol=1e-4)
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+def test_scale_shift_gradients_equal_float64_sums():
+    """The GEMV backward of x * a + c gives the per-volume sums over locations of a float64 reference."""
+    rng = np.random.default_rng(4)
+    x, g = rng.normal(size=(2, 7, 3)), rng.normal(size=(2, 7, 3))
+    a, c = rng.normal(size=(2, 3)), rng.normal(size=(2, 3))
+    f32 = lambda v: jnp.asarray(v, jnp.float32)
+    y, vjp = jax.vjp(layers.scale_shift, f32(x), f32(a), f32(c))
+    dx, da, dc = vjp(f32(g))
+    np.testing.assert_allclose(np.asarray(y), x * a[:, None] + c[:, None], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dx), g * a[:, None], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(da), (g * x).sum(1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dc), g.sum(1), rtol=1e-5, atol=1e-5)
