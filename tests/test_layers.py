@@ -99,9 +99,10 @@ def _plain_pau(x, a, b):
     return p / (1 + sum(jnp.abs(b[j] * x ** (j + 1)) for j in range(4)))
 
 
-def test_pau_hand_written_gradients_equal_autodiff_of_the_formula():
+@pytest.mark.parametrize("rows", [40, 47])  # 41 x 7 values: one row of sums; 48 x 7: 16 rows
+def test_pau_hand_written_gradients_equal_autodiff_of_the_formula(rows):
     rng = np.random.default_rng(3)
-    x = jnp.asarray(np.concatenate([rng.normal(size=(40, 7)) * 2, np.zeros((1, 7))]), jnp.float32)
+    x = jnp.asarray(np.concatenate([rng.normal(size=(rows, 7)) * 2, np.zeros((1, 7))]), jnp.float32)
     a = jnp.asarray(rng.normal(size=6), jnp.float32)
     b = jnp.asarray(rng.normal(size=4) * [1, -1, 1, -1], jnp.float32)
     weight = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
@@ -210,3 +211,17 @@ def test_scale_shift_gradients_equal_float64_sums():
     np.testing.assert_allclose(np.asarray(dx), g * a[:, None], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(da), (g * x).sum(1), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(dc), g.sum(1), rtol=1e-5, atol=1e-5)
+
+
+def test_avg_pool2_values_and_gradient_equal_float64_cells():
+    """Pooling averages each 2^3 cell; its gradient gives every voxel of a cell 1/8 of the cell's."""
+    rng = np.random.default_rng(5)
+    x, g = rng.normal(size=(2, 4, 6, 2, 3)), rng.normal(size=(2, 2, 3, 1, 3))
+    cells = x.reshape(2, 2, 2, 3, 2, 1, 2, 3).mean(axis=(2, 4, 6))
+    y, vjp = jax.vjp(layers.avg_pool2, jnp.asarray(x, jnp.float32))
+    (dx,) = vjp(jnp.asarray(g, jnp.float32))
+    spread = np.repeat(np.repeat(np.repeat(g, 2, axis=1), 2, axis=2), 2, axis=3) / 8
+    np.testing.assert_allclose(np.asarray(y), cells, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(dx), spread, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="even spatial sizes"):
+        layers.avg_pool2(jnp.zeros((1, 4, 3, 2, 1)))

@@ -3,6 +3,7 @@
 Arrays are channels-last everywhere: volumes (B, X, Y, Z, C), location features (B, N, F).
 """
 
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -15,6 +16,10 @@ from ossnet_jax.models.conv import Conv3D
 # maximum error 0.03, RMS error 0.005 (see tests/test_layers.py).
 PAU_INIT_NUMERATOR = (0.029803, 0.618385, 2.322323, 3.04922, 1.483393, 0.250562)
 PAU_INIT_DENOMINATOR = (1.141535, 4.389166, -0.870326, 0.346548)
+
+# The PAU backward's coefficient sums run over this many rows of the flattened input: XLA:CPU reduces one
+# row per thread, where a reduction to a scalar ran on one core (encoder block 0: 385 -> 219 ms).
+REDUCTION_ROWS = 16
 
 BN_MOMENTUM = 0.9  # running average keeps 90 %: PyTorch's momentum 0.1
 BN_EPSILON = 1e-5
@@ -41,7 +46,8 @@ def pau(x: jax.Array, numerator: jax.Array, denominator: jax.Array) -> jax.Array
     """Safe Pade activation unit: P(x) / (1 + sum_j |b_j x^j|), P of degree 5, Q of degree 4.
 
     The backward pass is hand-written so that the ten coefficient gradients are one variadic
-    reduction (a single pass over x, accumulated in float32) instead of ten (benchmarks/NOTES.md).
+    reduction (a single pass over x, accumulated in float32) instead of ten, split over
+    REDUCTION_ROWS rows so that both cores work on it (benchmarks/NOTES.md).
 
     Args:
       x: any shape.
@@ -82,15 +88,17 @@ def _pau_bwd(residuals, g):
     v = (-g * p * inv_q * inv_q).astype(jnp.float32)
     terms = [u] + [u * powers[i - 1] for i in range(1, 6)]
     terms += [v * signs[j - 1] * powers[j - 1] for j in range(1, 5)]
-    terms = tuple(t.reshape(-1) for t in terms)
-    sums = jax.lax.reduce(
+    rows = math.gcd(x.size, REDUCTION_ROWS)
+    terms = tuple(t.reshape(rows, -1) for t in terms)
+    row_sums = jax.lax.reduce(
         terms,
         tuple(jnp.zeros((), jnp.float32) for _ in terms),
         lambda a, b: tuple(ai + bi for ai, bi in zip(a, b)),
-        (0,),
+        (1,),
     )
-    d_num = jnp.stack(sums[:6]).astype(numerator.dtype)
-    d_den = jnp.stack(sums[6:]).astype(denominator.dtype)
+    sums = jnp.stack(row_sums).sum(axis=1)  # (10,)
+    d_num = sums[:6].astype(numerator.dtype)
+    d_den = sums[6:].astype(denominator.dtype)
     return dx, d_num, d_den
 
 
@@ -196,9 +204,30 @@ def _scale_shift_bwd(residuals, g):
 scale_shift.defvjp(_scale_shift_fwd, _scale_shift_bwd)
 
 
+@jax.custom_vjp
 def avg_pool2(x: jax.Array) -> jax.Array:
-    """Average pooling by 2 along every spatial axis of (B, X, Y, Z, C); X, Y, Z must be even."""
+    """Average pooling by 2 along every spatial axis of (B, X, Y, Z, C); X, Y, Z must be even.
+
+    The backward pass spreads each gradient over its 2^3 cell as a broadcast, which XLA:CPU fuses into
+    the consumer; the transpose of the pooling window it derives itself took 253 ms at the encoder's
+    first block (2 x 128 x 128 x 80 x 16) in the OSS-Net C update step (benchmarks/NOTES.md).
+    """
+    if any(n % 2 for n in x.shape[1:4]):
+        raise ValueError(f"avg_pool2 needs even spatial sizes, got {x.shape[1:4]}")
     return nn.avg_pool(x, (2, 2, 2), strides=(2, 2, 2))
+
+
+def _avg_pool2_fwd(x):
+    return avg_pool2(x), None
+
+
+def _avg_pool2_bwd(_, g):
+    b, nx, ny, nz, c = g.shape
+    cells = jnp.broadcast_to(g[:, :, None, :, None, :, None, :], (b, nx, 2, ny, 2, nz, 2, c))
+    return ((cells * jnp.asarray(0.125, g.dtype)).reshape(b, 2 * nx, 2 * ny, 2 * nz, c),)
+
+
+avg_pool2.defvjp(_avg_pool2_fwd, _avg_pool2_bwd)
 
 
 class ResidualBlock3D(nn.Module):
