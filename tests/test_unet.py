@@ -3,6 +3,7 @@ and train -> evaluate through training.train_and_evaluate for both families."""
 
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -11,7 +12,7 @@ import pytest
 
 from ossnet_jax import evaluation, families, losses, training, unet_inference, unet_training
 from ossnet_jax.data import labels
-from ossnet_jax.models.unet import UNet2D, UNet3D
+from ossnet_jax.models.unet import ResidualUnit, UNet2D, UNet3D
 from tests.conftest import tiny_unet_config
 
 
@@ -47,6 +48,43 @@ def _output_shape(model, shape, **kwargs):
         return model.apply(_init(model, shape), x, train=False, **kwargs)
 
     return jax.eval_shape(run)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 6, 4, 3), (2, 6, 4, 3)])
+def test_downsampling_unit_equals_shortcut_convolved_before_pooling(shape):
+    """The unit pools its shortcut before the 1^k convolution; the reference order (convolve at full
+    resolution, then pool) gives the same outputs and gradients."""
+    rank = len(shape) - 2
+    unit = ResidualUnit(5, downsample=True)
+    x = jnp.asarray(np.random.default_rng(1).normal(size=shape), jnp.float32)
+    variables = unit.init(jax.random.key(0), x, train=False)
+    pool = lambda h: nn.avg_pool(h, (2,) * rank, strides=(2,) * rank)
+
+    def reference(params, x):
+        p, stats = params, variables["batch_stats"]
+
+        def bn(h, name):
+            mean, var = stats[name]["mean"], stats[name]["var"]
+            return (h - mean) / jnp.sqrt(var + 1e-5) * p[name]["scale"] + p[name]["bias"]
+
+        conv = lambda h, name, k: jax.lax.conv_general_dilated(
+            h, p[name]["kernel"], (1,) * rank, "SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC") if rank == 2 else ("NDHWC", "DHWIO", "NDHWC"),
+        )
+        h = pool(jax.nn.relu(bn(conv(x, "conv1", 3), "bn1")))
+        h = bn(conv(h, "conv2", 3), "bn2")
+        shortcut = conv(x, "shortcut", 1) + p["shortcut"]["bias"]
+        return jax.nn.relu(h + pool(shortcut))
+
+    ours = lambda params, x: unit.apply({**variables, "params": params}, x, train=False)
+    weight = jnp.asarray(np.random.default_rng(2).normal(size=ours(variables["params"], x).shape))
+    loss = lambda fn: jax.value_and_grad(lambda p, x: jnp.sum(fn(p, x) * weight), argnums=(0, 1))
+    (value, grads), (ref_value, ref_grads) = loss(ours)(variables["params"], x), loss(reference)(
+        variables["params"], x
+    )
+    np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-5, atol=1e-4)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("size", [(16, 16, 8), (9, 11, 7)])

@@ -49,10 +49,11 @@ class ResidualUnit(nn.Module):
         h = pool(act(name="act1")(norm("bn1")(h)))
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         h = norm("bn2")(nn.Conv(self.features, (3,) * rank, use_bias=False, name="conv2")(h))
-        shortcut = x
+        # pooling and the 1^k convolution commute: pooling first convolves 2^k times fewer voxels
+        shortcut = pool(x)
         if x.shape[-1] != self.features:
             shortcut = nn.Conv(self.features, (1,) * rank, name="shortcut")(shortcut)
-        return act(name="act2")(h + pool(shortcut))
+        return act(name="act2")(h + shortcut)
 
 
 class Upsample(nn.Module):
