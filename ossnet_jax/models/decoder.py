@@ -1,6 +1,6 @@
 """The residual occupancy decoder with conditional batch norm (one row of locations per volume)."""
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -69,47 +69,46 @@ class DecoderBlock(nn.Module):
         return act(name="act2")(h + shortcut)
 
 
-def _recomputed_block(
-    block: DecoderBlock, x: jax.Array, latent: jax.Array, context: Optional[jax.Array]
-) -> jax.Array:
-    """block(x, latent, train=True, context), storing only its inputs for the backward pass.
+def recomputed(module: nn.Module, call: Callable[..., jax.Array], x: jax.Array, *rest: Any) -> jax.Array:
+    """call(module, x, *rest) in training, storing only its inputs and variables for the backward pass.
 
-    The backward rule runs the block's forward again and differentiates that. Its input x is first made
-    to depend on the incoming gradient (x + 0 * g[0, 0, 0], exact for a finite gradient; a non-finite
-    one skips the update anyway), so XLA cannot schedule the recomputation before the gradient exists:
-    XLA:CPU drops optimization barriers, and with jax.checkpoint / nn.remat it recomputed every block
-    right after the forward pass (benchmarks/NOTES.md). The running batch-norm statistics are updated
-    by the forward pass only.
+    The backward rule runs call again and differentiates that. Its input x is first made to depend on
+    the incoming gradient (x + 0 * g[0, ..., 0], exact for a finite gradient; a non-finite one skips
+    the update anyway), so XLA cannot schedule the recomputation before the gradient exists: XLA:CPU
+    drops optimization barriers, and with jax.checkpoint / nn.remat it recomputed every block right
+    after the forward pass (benchmarks/NOTES.md). Collections other than 'params' (batch-norm
+    statistics) are updated by the forward pass only. Returns call's (B, N, F) output.
     """
 
-    def run(mdl, x, latent, context):
-        return mdl(x, latent, True, context)
-
-    def forward(mdl, x, latent, context):
-        y = run(mdl, x, latent, context)
-        variables = {"params": mdl.variables["params"], "batch_stats": mdl.variables["batch_stats"]}
-        return y, (variables, x, latent, context)
+    def forward(mdl, x, *rest):
+        y = call(mdl, x, *rest)
+        return y, (dict(mdl.variables), x, rest)
 
     def backward(residuals, g):
-        variables, x, latent, context = residuals
-        x = x + (0 * g[0, 0, 0]).astype(x.dtype)
+        variables, x, rest = residuals
+        x = x + (0 * g[(0,) * g.ndim]).astype(x.dtype)
+        others = {k: v for k, v in variables.items() if k != "params"}
+        clone = module.clone(parent=None)
 
-        def pure(params, x, latent, context):
-            y, _ = block.clone(parent=None).apply(
-                {"params": params, "batch_stats": variables["batch_stats"]},
+        def pure(params, x, *rest):
+            y, _ = clone.apply(
+                {"params": params, **others},
                 x,
-                latent,
-                True,
-                context,
-                mutable=["batch_stats"],
+                *rest,
+                method=lambda mdl, *a: call(mdl, *a),
+                mutable=list(others),
             )
             return y
 
-        _, vjp = jax.vjp(pure, variables["params"], x, latent, context)
-        d_params, dx, d_latent, d_context = vjp(g)
-        return {"params": d_params}, dx, d_latent, d_context
+        _, vjp = jax.vjp(pure, variables["params"], x, *rest)
+        d_params, dx, *d_rest = vjp(g)
+        return ({"params": d_params}, dx, *d_rest)
 
-    return nn.custom_vjp(run, forward_fn=forward, backward_fn=backward)(block, x, latent, context)
+    return nn.custom_vjp(call, forward_fn=forward, backward_fn=backward)(module, x, *rest)
+
+
+def _train_call(block: "DecoderBlock", x: jax.Array, latent: jax.Array, context: Any) -> jax.Array:
+    return block(x, latent, True, context)
 
 
 class Decoder(nn.Module):
@@ -125,7 +124,7 @@ class Decoder(nn.Module):
       outputs: logits per location (1 for the binary task).
       dtype: computation dtype (parameters stay float32); logits are returned in float32.
       remat: in training, keep only each block's inputs for the backward pass and run the block again
-        there (`_recomputed_block`): per location one array per block instead of about six (OSS-Net C,
+        there (`recomputed`): per location one array per block instead of about six (OSS-Net C,
         2^14 locations: 3,454 -> 1,858 MiB for the update step, decoder training speed unchanged on
         the 2-core CPU; benchmarks/NOTES.md). Same parameters and values. Needs dropout 0.
     """
@@ -162,7 +161,7 @@ class Decoder(nn.Module):
             )
             context = latents[:, 0] if b == 0 else None
             if self.remat and train and not self.is_initializing():
-                x = _recomputed_block(block, x, latent, context)
+                x = recomputed(block, _train_call, x, latent, context)
             else:
                 x = block(x, latent, train, context)
         logits = nn.Dense(self.outputs, use_bias=False, dtype=self.dtype, name="out")(x)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from ossnet_jax.data.labels import label_spec
-from ossnet_jax.models.decoder import Decoder, decoder_inputs
+from ossnet_jax.models.decoder import Decoder, decoder_inputs, recomputed
 from ossnet_jax.models.encoder import Encoder
 from ossnet_jax.models.patches import (
     PatchEncoder,
@@ -23,6 +23,10 @@ from ossnet_jax.models.patches import (
 )
 
 FOURIER_KEY = 0  # fixed seed of the random Fourier frequencies (they are not trained)
+
+
+def _train_call(patch_net: PatchEncoder, patches: jax.Array) -> jax.Array:
+    return patch_net(patches, True)
 
 
 class OSSNet(nn.Module):
@@ -48,7 +52,8 @@ class OSSNet(nn.Module):
     num_outputs: int = 1
     seg_channels: int = 1
     dtype: Any = jnp.float32
-    remat: bool = False  # train.remat: the decoder blocks store only their inputs for the backward pass
+    # train.remat: the patch encoder and the decoder blocks store only their inputs for the backward pass
+    remat: bool = False
 
     def setup(self):
         self.encoder_net = Encoder(
@@ -84,7 +89,9 @@ class OSSNet(nn.Module):
     ) -> jax.Array:
         """Logits (B, N[, O]) for locations (B, N, 3), patches (B, N, S, S, S, Cp), latents (B, K, L)."""
         features = None
-        if self.patches:
+        if self.patches and self.remat and train and not self.is_initializing():
+            features = recomputed(self.patch_net, _train_call, patches)
+        elif self.patches:
             features = self.patch_net(patches, train)
         fourier = None
         if self.fourier_features:
