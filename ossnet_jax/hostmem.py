@@ -38,7 +38,9 @@ def _huge_pages_on_request() -> bool:
 
 def huge_pages_wanted(environ: dict[str, str]) -> bool:
     """Whether this process, with this environment, should be re-executed with TUNABLE."""
-    if environ.get(OPT_OUT, "1") == "0" or "glibc.malloc.hugetlb" in environ.get("GLIBC_TUNABLES", ""):
+    if environ.get(OPT_OUT, "1") == "0":
+        return False
+    if "glibc.malloc.hugetlb" in environ.get("GLIBC_TUNABLES", ""):
         return False
     return sys.platform.startswith("linux") and _glibc_at_least(2, 35) and _huge_pages_on_request()
 

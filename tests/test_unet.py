@@ -68,8 +68,13 @@ def test_downsampling_unit_equals_shortcut_convolved_before_pooling(shape):
             return (h - mean) / jnp.sqrt(var + 1e-5) * p[name]["scale"] + p[name]["bias"]
 
         conv = lambda h, name, k: jax.lax.conv_general_dilated(
-            h, p[name]["kernel"], (1,) * rank, "SAME",
-            dimension_numbers=("NHWC", "HWIO", "NHWC") if rank == 2 else ("NDHWC", "DHWIO", "NDHWC"),
+            h,
+            p[name]["kernel"],
+            (1,) * rank,
+            "SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC")
+            if rank == 2
+            else ("NDHWC", "DHWIO", "NDHWC"),
         )
         h = pool(jax.nn.relu(bn(conv(x, "conv1", 3), "bn1")))
         h = bn(conv(h, "conv2", 3), "bn2")
@@ -79,8 +84,9 @@ def test_downsampling_unit_equals_shortcut_convolved_before_pooling(shape):
     ours = lambda params, x: unit.apply({**variables, "params": params}, x, train=False)
     weight = jnp.asarray(np.random.default_rng(2).normal(size=ours(variables["params"], x).shape))
     loss = lambda fn: jax.value_and_grad(lambda p, x: jnp.sum(fn(p, x) * weight), argnums=(0, 1))
-    (value, grads), (ref_value, ref_grads) = loss(ours)(variables["params"], x), loss(reference)(
-        variables["params"], x
+    (value, grads), (ref_value, ref_grads) = (
+        loss(ours)(variables["params"], x),
+        loss(reference)(variables["params"], x),
     )
     np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-5, atol=1e-4)
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):

@@ -1,12 +1,13 @@
 """The residual occupancy decoder with conditional batch norm (one row of locations per volume)."""
 
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from ossnet_jax.models.layers import ConditionalBatchNorm, make_activation
+from ossnet_jax.models.recompute import recomputed
 
 
 class SplitDense(nn.Module):
@@ -67,44 +68,6 @@ class DecoderBlock(nn.Module):
         width_in = x.shape[-1] + (context.shape[-1] if has_context else 0)
         shortcut = x if width_in == self.width else dense("shortcut", x, has_context)
         return act(name="act2")(h + shortcut)
-
-
-def recomputed(module: nn.Module, call: Callable[..., jax.Array], x: jax.Array, *rest: Any) -> jax.Array:
-    """call(module, x, *rest) in training, storing only its inputs and variables for the backward pass.
-
-    The backward rule runs call again and differentiates that. Its input x is first made to depend on
-    the incoming gradient (x + 0 * g[0, ..., 0], exact for a finite gradient; a non-finite one skips
-    the update anyway), so XLA cannot schedule the recomputation before the gradient exists: XLA:CPU
-    drops optimization barriers, and with jax.checkpoint / nn.remat it recomputed every block right
-    after the forward pass (benchmarks/NOTES.md). Collections other than 'params' (batch-norm
-    statistics) are updated by the forward pass only. Returns call's (B, N, F) output.
-    """
-
-    def forward(mdl, x, *rest):
-        y = call(mdl, x, *rest)
-        return y, (dict(mdl.variables), x, rest)
-
-    def backward(residuals, g):
-        variables, x, rest = residuals
-        x = x + (0 * g[(0,) * g.ndim]).astype(x.dtype)
-        others = {k: v for k, v in variables.items() if k != "params"}
-        clone = module.clone(parent=None)
-
-        def pure(params, x, *rest):
-            y, _ = clone.apply(
-                {"params": params, **others},
-                x,
-                *rest,
-                method=lambda mdl, *a: call(mdl, *a),
-                mutable=list(others),
-            )
-            return y
-
-        _, vjp = jax.vjp(pure, variables["params"], x, *rest)
-        d_params, dx, *d_rest = vjp(g)
-        return ({"params": d_params}, dx, *d_rest)
-
-    return nn.custom_vjp(call, forward_fn=forward, backward_fn=backward)(module, x, *rest)
 
 
 def _train_call(block: "DecoderBlock", x: jax.Array, latent: jax.Array, context: Any) -> jax.Array:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from ossnet_jax.data.labels import label_spec
-from ossnet_jax.models.decoder import Decoder, decoder_inputs, recomputed
+from ossnet_jax.models.decoder import Decoder, decoder_inputs
 from ossnet_jax.models.encoder import Encoder
 from ossnet_jax.models.patches import (
     PatchEncoder,
@@ -21,6 +21,7 @@ from ossnet_jax.models.patches import (
     gather_patches,
     pooled_parity_volumes,
 )
+from ossnet_jax.models.recompute import recomputed
 
 FOURIER_KEY = 0  # fixed seed of the random Fourier frequencies (they are not trained)
 
