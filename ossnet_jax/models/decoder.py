@@ -70,7 +70,7 @@ class DecoderBlock(nn.Module):
         return act(name="act2")(h + shortcut)
 
 
-def _train_call(block: "DecoderBlock", x: jax.Array, latent: jax.Array, context: Any) -> jax.Array:
+def _train_call(block: DecoderBlock, x: jax.Array, latent: jax.Array, context: Any) -> jax.Array:
     return block(x, latent, True, context)
 
 

@@ -34,7 +34,7 @@ def recomputed(
                 {"params": params, **others},
                 x,
                 *rest,
-                method=lambda mdl, *a: call(mdl, *a),
+                method=call,
                 mutable=list(others),
             )
             return y
