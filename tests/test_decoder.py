@@ -152,3 +152,26 @@ def test_recomputed_blocks_refuse_dropout():
     features, latents = jnp.zeros((1, 4, 3)), jnp.zeros((1, 1, 2))
     with pytest.raises(ValueError, match="train.remat"):
         Decoder(8, 1, dropout=0.1, remat=True).init(jax.random.key(0), features, latents, False)
+
+
+def test_weight_gradients_need_no_transposed_copy_of_the_output_gradients():
+    """The dense layers run over (rows, F): XLA then takes each weight gradient without first
+    writing the layer's output gradient as a (width, rows) array (layers.over_rows)."""
+    features = jax.random.normal(jax.random.key(0), (2, 64, 32))
+    latents = jax.random.normal(jax.random.key(1), (2, 3, 8))
+    model = Decoder(width=32, blocks=2)
+    variables = model.init(jax.random.key(2), features, latents, train=False)
+
+    def loss(params):
+        logits, _ = model.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            features,
+            latents,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        return jnp.sum(logits**2)
+
+    hlo = jax.jit(jax.grad(loss)).lower(variables["params"]).compile().as_text()
+    assert "f32[2,64,32]" in hlo  # the location features are in the program
+    assert "f32[32,128]" not in hlo  # (width, 2 x 64 rows): a transposed gradient

@@ -82,3 +82,14 @@ def test_patch_encoder_output_shape():
     assert module.apply(variables, x, train=False).shape == (2, 3, 343)
     assert variables["params"]["conv1"]["kernel"].shape == (7, 7, 7, 8, 4)
     assert variables["params"]["conv2"]["kernel"].shape == (7, 7, 7, 4, 1)
+
+
+def test_patch_encoder_weight_gradients_need_no_transposed_copy():
+    """The patch GEMMs run over (rows, S^3 C): no (S^3 Cout, rows) copy of an output gradient."""
+    encoder = P.PatchEncoder()
+    patches = jax.random.normal(jax.random.key(0), (2, 16, 7, 7, 7, 4))
+    variables = encoder.init(jax.random.key(1), patches, False)
+    loss = lambda params: jnp.sum(encoder.apply({"params": params}, patches, True) ** 2)
+    hlo = jax.jit(jax.grad(loss)).lower(variables["params"]).compile().as_text()
+    assert "f32[32,686]" in hlo  # the first convolution's output, 2 x 16 rows
+    assert "f32[686,32]" not in hlo and "f32[343,32]" not in hlo

@@ -104,8 +104,9 @@ def conv3d_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
     gradients included; the kernel gradient is `conv3d_kernel_grad` from SLAB_MIN_VOXELS voxels on.
     Returns (B, X, Y, Z, Cout).
     """
-    if kernel.shape[0] == 1:
-        return x @ kernel.reshape(kernel.shape[3], kernel.shape[4])
+    if kernel.shape[0] == 1:  # over (voxels, Cin) rows: see layers.over_rows
+        y = x.reshape(-1, x.shape[-1]) @ kernel.reshape(kernel.shape[3], kernel.shape[4])
+        return y.reshape(*x.shape[:-1], y.shape[-1])
     if x.shape[1] * x.shape[2] * x.shape[3] < SLAB_MIN_VOXELS:
         return _conv3d_folded(x, kernel)
     return _conv3d(x, kernel)

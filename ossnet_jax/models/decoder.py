@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ossnet_jax.models.layers import ConditionalBatchNorm, make_activation
+from ossnet_jax.models.layers import ConditionalBatchNorm, make_activation, over_rows
 from ossnet_jax.models.recompute import recomputed
 
 
@@ -30,7 +30,8 @@ class SplitDense(nn.Module):
         )
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
         per_volume = context.astype(jnp.float32) @ kernel[fx:] + bias  # (B, features)
-        y = x.astype(self.dtype) @ kernel[:fx].astype(self.dtype)
+        w = kernel[:fx].astype(self.dtype)
+        y = over_rows(lambda rows: rows @ w, x.astype(self.dtype))
         return y + per_volume[:, None, :].astype(self.dtype)
 
 
@@ -56,7 +57,7 @@ class DecoderBlock(nn.Module):
         def dense(name: str, h: jax.Array, with_context: bool) -> jax.Array:
             if with_context:
                 return SplitDense(self.width, self.dtype, name=name)(h, context)
-            return nn.Dense(self.width, dtype=self.dtype, name=name)(h)
+            return over_rows(nn.Dense(self.width, dtype=self.dtype, name=name), h)
 
         cbn = lambda name, h: ConditionalBatchNorm(self.width, self.dtype, name=name)(
             h, latent, train
@@ -127,7 +128,8 @@ class Decoder(nn.Module):
                 x = recomputed(block, _train_call, x, latent, context)
             else:
                 x = block(x, latent, train, context)
-        logits = nn.Dense(self.outputs, use_bias=False, dtype=self.dtype, name="out")(x)
+        out = nn.Dense(self.outputs, use_bias=False, dtype=self.dtype, name="out")
+        logits = over_rows(out, x)
         return logits.astype(jnp.float32)
 
 

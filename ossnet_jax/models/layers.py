@@ -131,6 +131,19 @@ def make_activation(name: str) -> Callable[..., nn.Module]:
     return table[name]
 
 
+def over_rows(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
+    """fn applied to x (..., F) viewed as (rows, F), its (rows, G) result viewed as (..., G).
+
+    For products of location features with a weight matrix: with several leading axes (volumes and
+    locations) XLA:CPU takes the weight gradient as a product contracting two axes, which it
+    canonicalises by writing the output gradient transposed, (G, rows); over a single row axis it
+    contracts in place. At the decoder's sizes (2 x 4096 locations, 512 wide) that copy was a ~23 ms
+    pass per layer, ~0.3 s of the OSS-Net C update step (benchmarks/NOTES.md).
+    """
+    y = fn(x.reshape(-1, x.shape[-1]))
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 class ConditionalBatchNorm(nn.Module):
     """Batch norm without affine terms, then gamma(latent) * x + beta(latent).
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ossnet_jax.models.layers import make_activation
+from ossnet_jax.models.layers import make_activation, over_rows
 
 
 def gather_patches(volume: jax.Array, locations: jax.Array, size: int) -> jax.Array:
@@ -148,7 +148,8 @@ class PatchConv(nn.Module):
         kern = self.param("kernel", nn.initializers.lecun_normal(), shape)
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
         x = x.astype(self.dtype)
-        y = x @ conv_matrix(kern, self.size).astype(self.dtype)
+        matrix = conv_matrix(kern, self.size).astype(self.dtype)
+        y = over_rows(lambda rows: rows @ matrix, x)
         y = y.reshape(*x.shape[:-1], self.size**3, self.features) + bias.astype(self.dtype)
         return y.reshape(*x.shape[:-1], self.size**3 * self.features)
 
