@@ -1,5 +1,6 @@
 """On-device patch gathering and the GEMM patch convolution against numpy slicing and XLA's convolution."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,6 +74,34 @@ def test_patch_conv_equals_xla_convolution_with_gradients(cin, cout):
     np.testing.assert_allclose(np.asarray(y_new), np.asarray(y_ref), rtol=1e-4, atol=1e-4)
     for a, b in zip(g_new, g_ref):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+
+
+def test_patch_conv_module_equals_flax_conv_with_bias_and_gradients():
+    """PatchConv on (B, N, S^3 Cin) rows against nn.Conv on the (S, S, S, Cin) patches, same kernel
+    and bias, gradients of both parameters and of the input included."""
+    rng = np.random.default_rng(2)
+    b, n, cin, cout = 2, 3, 4, 2
+    x = jnp.asarray(rng.normal(size=(b, n, 7**3 * cin)), jnp.float32)
+    params = {
+        "kernel": jnp.asarray(rng.normal(size=(7, 7, 7, cin, cout)) * 0.1, jnp.float32),
+        "bias": jnp.asarray(rng.normal(size=(cout,)), jnp.float32),
+    }
+    weight = jnp.asarray(rng.normal(size=(b, n, 7**3 * cout)), jnp.float32)
+    module = P.PatchConv(cout, 7, 7)
+    conv = nn.Conv(cout, (7, 7, 7), padding="SAME")
+
+    def ours(params, x):
+        return jnp.sum(jnp.tanh(module.apply({"params": params}, x)) * weight)
+
+    def reference(params, x):
+        y = conv.apply({"params": params}, x.reshape(b * n, 7, 7, 7, cin))
+        return jnp.sum(jnp.tanh(y.reshape(b, n, -1)) * weight)
+
+    v_new, g_new = jax.value_and_grad(ours, argnums=(0, 1))(params, x)
+    v_ref, g_ref = jax.value_and_grad(reference, argnums=(0, 1))(params, x)
+    np.testing.assert_allclose(float(v_new), float(v_ref), rtol=1e-4)
+    for a, r in zip(jax.tree.leaves(g_new), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-4, atol=1e-4)
 
 
 def test_patch_encoder_output_shape():

@@ -150,8 +150,7 @@ class PatchConv(nn.Module):
         x = x.astype(self.dtype)
         matrix = conv_matrix(kern, self.size).astype(self.dtype)
         y = over_rows(lambda rows: rows @ matrix, x)
-        y = y.reshape(*x.shape[:-1], self.size**3, self.features) + bias.astype(self.dtype)
-        return y.reshape(*x.shape[:-1], self.size**3 * self.features)
+        return y + jnp.tile(bias.astype(self.dtype), self.size**3)
 
 
 class PatchEncoder(nn.Module):
