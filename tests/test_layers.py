@@ -99,10 +99,14 @@ def _plain_pau(x, a, b):
     return p / (1 + sum(jnp.abs(b[j] * x ** (j + 1)) for j in range(4)))
 
 
-@pytest.mark.parametrize("rows", [40, 47])  # 41 x 7 values: one row of sums; 48 x 7: 16 rows
-def test_pau_hand_written_gradients_equal_autodiff_of_the_formula(rows):
+# the coefficient sums keep the leading axes (41,) and (2, 5, 3); (6, 7) and (287,) have too few
+# leading values and are summed as gcd(size, 16) = 2 and 1 rows
+@pytest.mark.parametrize("shape", [(41, 7), (2, 5, 3, 7), (6, 7), (287,)])
+def test_pau_hand_written_gradients_equal_autodiff_of_the_formula(shape):
     rng = np.random.default_rng(3)
-    x = jnp.asarray(np.concatenate([rng.normal(size=(rows, 7)) * 2, np.zeros((1, 7))]), jnp.float32)
+    values = rng.normal(size=shape) * 2
+    values.flat[::5] = 0.0  # zero-padded patches: the sign convention at x = 0
+    x = jnp.asarray(values, jnp.float32)
     a = jnp.asarray(rng.normal(size=6), jnp.float32)
     b = jnp.asarray(rng.normal(size=4) * [1, -1, 1, -1], jnp.float32)
     weight = jnp.asarray(rng.normal(size=x.shape), jnp.float32)

@@ -17,8 +17,9 @@ from ossnet_jax.models.conv import Conv3D
 PAU_INIT_NUMERATOR = (0.029803, 0.618385, 2.322323, 3.04922, 1.483393, 0.250562)
 PAU_INIT_DENOMINATOR = (1.141535, 4.389166, -0.870326, 0.346548)
 
-# The PAU backward's coefficient sums run over this many rows of the flattened input: XLA:CPU reduces one
-# row per thread, where a reduction to a scalar ran on one core (encoder block 0: 385 -> 219 ms).
+# The PAU backward's coefficient sums keep at least this many rows (leading values of x, or a reshape
+# into rows): XLA:CPU reduces one row per thread, where a reduction to a scalar ran on one core
+# (encoder block 0: 385 -> 219 ms).
 REDUCTION_ROWS = 16
 
 BN_MOMENTUM = 0.9  # running average keeps 90 %: PyTorch's momentum 0.1
@@ -41,13 +42,26 @@ def _pau_terms(
     return p, q
 
 
+def _leading_axes(shape: tuple[int, ...]) -> int:
+    """How many leading axes the PAU coefficient sums keep: the fewest whose sizes multiply to at least
+    REDUCTION_ROWS, leaving at least one axis to reduce; 0 if there are none (then x is reshaped)."""
+    rows = 1
+    for k, n in enumerate(shape[:-1]):
+        rows *= n
+        if rows >= REDUCTION_ROWS:
+            return k + 1
+    return 0
+
+
 @jax.custom_vjp
 def pau(x: jax.Array, numerator: jax.Array, denominator: jax.Array) -> jax.Array:
     """Safe Pade activation unit: P(x) / (1 + sum_j |b_j x^j|), P of degree 5, Q of degree 4.
 
     The backward pass is hand-written so that the ten coefficient gradients are one variadic
-    reduction (a single pass over x, accumulated in float32) instead of ten, split over
-    REDUCTION_ROWS rows so that both cores work on it (benchmarks/NOTES.md).
+    reduction (a single pass over x, accumulated in float32) instead of ten, over rows so that both
+    cores work on it. The rows are x's leading axes where they hold REDUCTION_ROWS values or more, a
+    reshape of x otherwise: with the reshape, the fused producers (pooling backward, batch norm) index
+    x through a flat index, and the encoder's forward + backward ran ~5 % slower (benchmarks/NOTES.md).
 
     Args:
       x: any shape.
@@ -88,15 +102,18 @@ def _pau_bwd(residuals, g):
     v = (-g * p * inv_q * inv_q).astype(jnp.float32)
     terms = [u] + [u * powers[i - 1] for i in range(1, 6)]
     terms += [v * signs[j - 1] * powers[j - 1] for j in range(1, 5)]
-    rows = math.gcd(x.size, REDUCTION_ROWS)
-    terms = tuple(t.reshape(rows, -1) for t in terms)
+    keep = _leading_axes(x.shape)
+    if keep == 0:
+        rows = math.gcd(x.size, REDUCTION_ROWS)
+        terms = tuple(t.reshape(rows, -1) for t in terms)
+        keep = 1
     row_sums = jax.lax.reduce(
-        terms,
+        tuple(terms),
         tuple(jnp.zeros((), jnp.float32) for _ in terms),
         lambda a, b: tuple(ai + bi for ai, bi in zip(a, b)),
-        (1,),
+        tuple(range(keep, terms[0].ndim)),
     )
-    sums = jnp.stack(row_sums).sum(axis=1)  # (10,)
+    sums = jnp.stack([r.sum() for r in row_sums])  # (10,)
     d_num = sums[:6].astype(numerator.dtype)
     d_den = sums[6:].astype(denominator.dtype)
     return dx, d_num, d_den
