@@ -229,3 +229,15 @@ def test_avg_pool2_values_and_gradient_equal_float64_cells():
     np.testing.assert_allclose(np.asarray(dx), spread, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="even spatial sizes"):
         layers.avg_pool2(jnp.zeros((1, 4, 3, 2, 1)))
+
+
+@pytest.mark.parametrize("factor", [1, 2, 4])
+def test_mean_pool_equals_float64_cell_means(factor):
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(2, 8, 4, 12, 3))
+    got = layers.mean_pool(jnp.asarray(x, jnp.float32), factor)
+    b, nx, ny, nz, c = x.shape
+    cells = x.reshape(b, nx // factor, factor, ny // factor, factor, nz // factor, factor, c)
+    np.testing.assert_allclose(np.asarray(got), cells.mean(axis=(2, 4, 6)), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="cannot mean-pool"):
+        layers.mean_pool(jnp.zeros((1, 8, 4, 6, 1)), 4)
