@@ -201,6 +201,12 @@ def test_residual_block_equals_reference_order_with_gradients(monkeypatch):
     np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-5, atol=1e-4)
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+    # evaluation: running averages, and XLA's pooling
+    stats = jax.tree.map(lambda s: s + 0.5, variables["batch_stats"])
+    evaluate = lambda module: module.apply({"params": params, "batch_stats": stats}, x, train=False)
+    np.testing.assert_allclose(
+        np.asarray(evaluate(ours)), np.asarray(evaluate(reference)), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_scale_shift_gradients_equal_float64_sums():
