@@ -240,7 +240,8 @@ def mean_pool(x: jax.Array, factor: int) -> jax.Array:
 
     Equal to nn.avg_pool(x, (f, f, f), strides=(f, f, f)) up to float rounding, as a sum of the f^3
     strided slices, which XLA:CPU fuses into one pass: 2 x 256 x 256 x 160 x 4 values in 16 ms against
-    52 ms for its reduce-window (benchmarks/NOTES.md).
+    52 ms for its reduce-window (benchmarks/NOTES.md). Programs that only run forward can need more
+    memory with it (a temporary the reduce-window does not have), so the encoder uses it in training.
     """
     if any(n % factor for n in x.shape[1:4]):
         raise ValueError(f"cannot mean-pool spatial shape {x.shape[1:4]} by {factor}")

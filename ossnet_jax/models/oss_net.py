@@ -15,7 +15,6 @@ import ml_collections
 from ossnet_jax.data.labels import label_spec
 from ossnet_jax.models.decoder import Decoder, decoder_inputs
 from ossnet_jax.models.encoder import Encoder
-from ossnet_jax.models.layers import mean_pool
 from ossnet_jax.models.patches import (
     PatchEncoder,
     gather_large_patches,
@@ -161,7 +160,7 @@ def downscale(volume: jax.Array, factor: int) -> jax.Array:
     """Average-pools (B, X, Y, Z, C) by `factor` along every spatial axis: the encoder's input."""
     if factor == 1:
         return volume
-    return mean_pool(volume, factor)
+    return nn.avg_pool(volume, (factor,) * 3, strides=(factor,) * 3)
 
 
 def patch_source(volume: jax.Array, large_patches: bool) -> dict:
