@@ -12,7 +12,7 @@ import pathlib
 
 from absl import app, flags, logging
 
-from ossnet_jax import evaluation, hostmem
+from ossnet_jax import evaluation, hostmem, xla_cpu
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A directory written by train.py.")
@@ -53,5 +53,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    xla_cpu.configure()
     hostmem.relaunch_with_huge_pages()
     app.run(main)

@@ -28,16 +28,16 @@ import importlib
 import json
 import pathlib
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ossnet_jax import families, hostmem, losses
+from ossnet_jax import families, hostmem, losses, xla_cpu
 from ossnet_jax.models.flops import flops_per_point, latent_size
 from ossnet_jax.models.oss_net import OSSNet, build_model, downscale
-from ossnet_jax.train_state import init_state, make_optimizer, patch_channels
+from ossnet_jax.train_state import make_optimizer, patch_channels
 
 MODELS = ("o_net", "oss_net_a", "oss_net_b", "oss_net_c", "oss_net_d")
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -83,8 +83,13 @@ def decoder_inputs(config, points: int, key: jax.Array) -> tuple:
     return locs, patches, latents
 
 
-def decoder_rates(config, points: int, repeats: int) -> tuple[float, float]:
-    """(forward, training forward + backward) decoder locations per second for one volume."""
+def decoder_rates(
+    config, points: int, repeats: int, train: bool = True
+) -> tuple[float, Optional[float]]:
+    """(forward, training forward + backward) decoder locations per second for one volume.
+
+    The second is None with train=False (the training program is then neither compiled nor run).
+    """
     model = build_model(config)
     locs, patches, latents = decoder_inputs(config, points, jax.random.key(0))
     variables = jax.jit(
@@ -109,9 +114,11 @@ def decoder_rates(config, points: int, repeats: int) -> tuple[float, float]:
         )
         return losses.bce(logits, target), mutated
 
-    grad = jax.grad(loss, argnums=(0, 1), has_aux=True)
     fwd = min_seconds(jax.jit(forward), variables, locs, patches, latents, repeats=repeats)
-    train = min_seconds(
+    if not train:
+        return points / fwd, None
+    grad = jax.grad(loss, argnums=(0, 1), has_aux=True)
+    train_s = min_seconds(
         jax.jit(grad),
         variables["params"],
         latents,
@@ -120,28 +127,40 @@ def decoder_rates(config, points: int, repeats: int) -> tuple[float, float]:
         patches,
         repeats=repeats,
     )
-    return points / fwd, points / train
+    return points / fwd, points / train_s
 
 
-def full_step_seconds(config, points: int, repeats: int) -> dict:
-    """Seconds of OSS-Net C's whole train step and of its encoder for 2 volumes of the config's grid."""
+def step_setup(config, points: int) -> tuple:
+    """(family, model, kwargs, state, batch) for train steps of 2 volumes (x `points` locations for
+    OSS-Net; the U-Nets keep their crops or slices).
+
+    The batch is noise with one foreground box filling the middle fifth of each axis; kwargs are the
+    keyword arguments of the family's step functions.
+    """
     config.train.batch_size = 2
-    config.train.num_points = points
+    if config.model.name == "oss_net":
+        config.train.num_points = points
     family = families.get_family(config)
     model = family.build_model(config)
     tx = make_optimizer(config)
-    state = jax.jit(lambda: init_state(config, model, tx, jax.random.key(0)))()
+    state = jax.jit(lambda: family.init_state(config, model, tx, jax.random.key(0)))()
     grid = tuple(config.data.grid_shape)
     rng = np.random.default_rng(0)
     image = rng.normal(size=(2,) + grid + (config.data.num_channels,)).astype(np.float32)
     target = np.zeros((2,) + grid, np.uint8)
-    target[:, 100:150, 100:150, 60:100] = 1
+    target[(slice(None),) + tuple(slice(2 * n // 5, 3 * n // 5) for n in grid)] = 1
     batch = {
         "image": jnp.asarray(image),
         "target": jnp.asarray(target),
         "band": jnp.asarray(target > 0),
     }
-    kwargs = dict(model=model, tx=tx, config=config)
+    return family, model, dict(model=model, tx=tx, config=config), state, batch
+
+
+def full_step_seconds(config, points: int, repeats: int) -> dict:
+    """Seconds of OSS-Net C's whole train step and of its encoder for 2 volumes of the config's grid."""
+    family, model, kwargs, state, batch = step_setup(config, points)
+    grid = tuple(config.data.grid_shape)
     step = jax.jit(lambda s, b, r: family.train_step(s, b, r, **kwargs))
     step_s = min_seconds(step, state, batch, jax.random.key(2), repeats=repeats)
     prepare = jax.jit(lambda b, r, n: family.prepare_inputs(b, r, n, config))
@@ -263,5 +282,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    xla_cpu.configure()
     hostmem.relaunch_with_huge_pages()
     main()

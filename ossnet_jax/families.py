@@ -37,7 +37,8 @@ class Family:
       prepare_inputs, update_step: train_step split in two, or None where it is not: (batch, rng,
         step, config) -> inputs, the grid-sized stage the host loop runs ahead in the prefetch thread,
         and (state, inputs, rng, *, model, tx, config) -> (state, metrics), the update; their
-        composition equals train_step bitwise.
+        composition equals train_step (to float32 rounding: the one program may fuse
+        products differently).
     """
 
     build_model: Callable[[ml_collections.ConfigDict], Any]

@@ -3,7 +3,8 @@
 Every test, and every python subprocess a test starts (they inherit the environment), shares one
 persistent JAX compilation cache in a folder made for the session: the tiny train step that many tests
 and train.py runs compile is compiled once. It is set here, before anything imports jax; a cache folder
-already named in JAX_COMPILATION_CACHE_DIR is used instead.
+already named in JAX_COMPILATION_CACHE_DIR is used instead. XLA_FLAGS get the entry points' XLA:CPU
+flags (ossnet_jax/xla_cpu.py) here too, so the tests run the programs users run.
 """
 
 import atexit
@@ -19,6 +20,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+from ossnet_jax import xla_cpu  # noqa: E402  (imports nothing heavy)
+
+xla_cpu.configure()  # the tests compile what train.py and evaluate.py compile
 
 import ml_collections
 import pytest

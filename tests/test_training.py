@@ -59,8 +59,12 @@ def test_loss_falls_on_a_fixed_batch(synthetic_root):
     assert int(state.step) == 25
 
 
-def test_separate_prepare_and_update_calls_equal_the_composed_step_bitwise(synthetic_root):
-    """The host loop runs prepare_inputs and update_step as two programs; train_step is one."""
+def test_separate_prepare_and_update_calls_equal_the_composed_step(synthetic_root):
+    """The host loop runs prepare_inputs and update_step as two programs; train_step is one.
+
+    Integers (step, counts) agree exactly and floats to float32 rounding: with XLA:CPU's Eigen dots
+    (ossnet_jax/xla_cpu.py) the one program fuses some products differently (4e-6 relative seen).
+    """
     config = tiny_config(synthetic_root, activation="relu", encoder_channels=(4,), decoder_blocks=1)
     train_cases, _ = dataset.load_split(config)
     model = build_model(config)
@@ -80,7 +84,11 @@ def test_separate_prepare_and_update_calls_equal_the_composed_step_bitwise(synth
         assert set(inputs) == {"low", "locations", "index", "patches", "coarse"}
         assert inputs["low"].shape == (2, 16, 16, 8, 4) and inputs["coarse"].shape[1:4] == (8, 8, 4)
         for a, b in zip(jax.tree.leaves((composed, want)), jax.tree.leaves((split, got))):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+            a, b = np.asarray(a), np.asarray(b)
+            if np.issubdtype(a.dtype, np.floating):
+                np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+            else:
+                np.testing.assert_array_equal(a, b)
     assert float(want["loss"]) > 0 and int(split.step) == 2
 
 
