@@ -247,3 +247,76 @@ def test_mean_pool_equals_float64_cell_means(factor):
     np.testing.assert_allclose(np.asarray(got), cells.mean(axis=(2, 4, 6)), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="cannot mean-pool"):
         layers.mean_pool(jnp.zeros((1, 8, 4, 6, 1)), 4)
+
+
+def test_batch_norm_equals_flax_batch_norm_values_statistics_and_gradients():
+    """layers.BatchNorm (one-pass statistics, hand-written backward) against nn.BatchNorm's autodiff
+    and a float64 numpy forward, in training and evaluation mode, running statistics included."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(1.5 + 2.0 * rng.normal(size=(2, 6, 4, 5, 3)), jnp.float32)
+    weight = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    ours = layers.BatchNorm()
+    flax_bn = nn.BatchNorm(momentum=layers.BN_MOMENTUM, epsilon=layers.BN_EPSILON)
+    variables = ours.init(jax.random.key(0), x, train=True)
+    assert jax.tree.map(jnp.shape, variables) == jax.tree.map(
+        jnp.shape, flax_bn.init(jax.random.key(0), x, use_running_average=False)
+    )
+    params = {"scale": jnp.asarray([0.5, 1.5, -2.0]), "bias": jnp.asarray([0.1, -0.3, 2.0])}
+    stats = {"mean": jnp.asarray([0.2, -0.1, 0.0]), "var": jnp.asarray([1.0, 2.0, 0.5])}
+
+    def loss(p, x, module):
+        kwargs = {"train": True} if module is ours else {"use_running_average": False}
+        y, new = module.apply(
+            {"params": p, "batch_stats": stats}, x, mutable=["batch_stats"], **kwargs
+        )
+        return jnp.sum(y * weight), (y, new["batch_stats"])
+
+    (value, (y, new_stats)), grads = jax.jit(
+        jax.value_and_grad(lambda p, x: loss(p, x, ours), argnums=(0, 1), has_aux=True)
+    )(params, x)
+    (ref_value, (ref_y, ref_stats)), ref_grads = jax.jit(
+        jax.value_and_grad(lambda p, x: loss(p, x, flax_bn), argnums=(0, 1), has_aux=True)
+    )(params, x)
+
+    x64 = np.asarray(x, np.float64)
+    mean, var = x64.mean(axis=(0, 1, 2, 3)), x64.var(axis=(0, 1, 2, 3))
+    scale, bias = (np.asarray(params[k], np.float64) for k in ("scale", "bias"))
+    want = (x64 - mean) / np.sqrt(var + layers.BN_EPSILON) * scale + bias
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref_y), rtol=1e-5, atol=1e-5)
+    for name, batch in (("mean", mean), ("var", var)):
+        expected = layers.BN_MOMENTUM * np.asarray(stats[name]) + (1 - layers.BN_MOMENTUM) * batch
+        np.testing.assert_allclose(np.asarray(new_stats[name]), expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(new_stats[name], ref_stats[name], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-5)
+    for g, e in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=1e-4)
+
+    evaluated = ours.apply({"params": params, "batch_stats": stats}, x, train=False)
+    ref_eval = flax_bn.apply(
+        {"params": params, "batch_stats": stats}, x, use_running_average=True
+    )
+    np.testing.assert_allclose(np.asarray(evaluated), np.asarray(ref_eval), rtol=1e-5, atol=1e-5)
+
+
+def test_batch_norm_train_gradients_through_the_returned_statistics():
+    """Cotangents of the returned mean and variance reach x as in autodiff of the plain formula."""
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.normal(size=(3, 4, 2, 2, 4)), jnp.float32)
+    w, u, v = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in (x.shape, (4,), (4,)))
+    scale, bias = jnp.asarray([1.0, 0.5, -1.0, 2.0]), jnp.asarray([0.0, 0.2, 0.1, -0.4])
+
+    def plain(x, scale, bias):
+        mean = jnp.mean(x, axis=(0, 1, 2, 3))
+        var = jnp.mean(jnp.square(x), axis=(0, 1, 2, 3)) - jnp.square(mean)
+        y = (x - mean) * jax.lax.rsqrt(var + layers.BN_EPSILON) * scale + bias
+        return jnp.sum(y * w) + jnp.sum(mean * u) + jnp.sum(var * v)
+
+    def ours(x, scale, bias):
+        y, mean, var = layers.batch_norm_train(x, scale, bias)
+        return jnp.sum(y * w) + jnp.sum(mean * u) + jnp.sum(var * v)
+
+    got = jax.grad(ours, argnums=(0, 1, 2))(x, scale, bias)
+    expected = jax.grad(plain, argnums=(0, 1, 2))(x, scale, bias)
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=1e-4)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from ossnet_jax.models.conv import Conv3D
-from ossnet_jax.models.layers import BN_EPSILON, BN_MOMENTUM, ResidualBlock3D, make_activation
+from ossnet_jax.models.layers import BatchNorm, ResidualBlock3D, make_activation
 
 
 def adaptive_max_pool(x: jax.Array, target: Sequence[int]) -> jax.Array:
@@ -38,13 +38,7 @@ class ConvBNAct(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         x = Conv3D(self.features, self.kernel, use_bias=False, dtype=self.dtype, name="conv")(x)
-        x = nn.BatchNorm(
-            use_running_average=not train,
-            momentum=BN_MOMENTUM,
-            epsilon=BN_EPSILON,
-            dtype=self.dtype,
-            name="bn",
-        )(x)
+        x = BatchNorm(self.dtype, name="bn")(x, train)
         return make_activation(self.activation)(name="act")(x)
 
 
