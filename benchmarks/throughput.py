@@ -197,6 +197,15 @@ def full_step_seconds(config, points: int, repeats: int) -> dict:
     }
 
 
+def write_result(path: str, result: dict, table: str) -> None:
+    """Writes result to path (JSON) and table beside it (.md), and prints the table."""
+    out = pathlib.Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(table)
+    print(table)
+
+
 def markdown(result: dict) -> str:
     lines = [
         f"GEMM float32: {result['gemm_gflops']:.1f} GFLOP/s ({result['gemm_n']}^3); dtype"
@@ -274,11 +283,7 @@ def main() -> None:
         "rows": rows,
         "step": step,
     }
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    write_result(args.out, result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ import statistics
 import subprocess
 import sys
 
+from benchmarks import throughput
+
 RESULTS = pathlib.Path(__file__).parent / "results"
 
 SETS = {
@@ -67,15 +69,15 @@ def cpu_model() -> str:
         return platform.processor()
     if "model name" not in fields:
         return platform.processor()
-    return f"{fields['model name']} (family {fields.get('cpu family')}, model {fields.get('model')})"
+    return (
+        f"{fields['model name']} (family {fields.get('cpu family')}, model {fields.get('model')})"
+    )
 
 
 def measure(repeats: int) -> dict:
     """Every figure of FIGURES in this process (XLA_FLAGS as it was started)."""
     import jax
     import jax.numpy as jnp
-
-    from benchmarks import throughput
 
     out = {}
     a = jax.random.normal(jax.random.key(0), (8192, 512), jnp.float32)
@@ -99,7 +101,9 @@ def measure(repeats: int) -> dict:
 
     for name, figure in (("demo", "small_step_s"), ("unet3d", "unet3d_step_s")):
         small = importlib.import_module(f"configs.{name}").get_config("small")
-        family, _, kwargs, state, batch = throughput.step_setup(small, small.train.get("num_points", 0))
+        family, _, kwargs, state, batch = throughput.step_setup(
+            small, small.train.get("num_points", 0)
+        )
         step = jax.jit(lambda s, b, r, f=family, k=kwargs: f.train_step(s, b, r, **k))
         out[figure] = throughput.min_seconds(step, state, batch, key, repeats=3 * repeats)
 
@@ -178,11 +182,7 @@ def main() -> None:
         "runs": runs,
         "medians": medians,
     }
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    throughput.write_result(args.out, result, markdown(result))
 
 
 if __name__ == "__main__":

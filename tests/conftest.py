@@ -21,14 +21,13 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
-from ossnet_jax import xla_cpu  # noqa: E402  (imports nothing heavy)
-
-xla_cpu.configure()  # the tests compile what train.py and evaluate.py compile
-
 import ml_collections
 import pytest
 
 from configs import demo
+from ossnet_jax import xla_cpu
+
+xla_cpu.configure()  # before any JAX computation: the tests compile what train.py and evaluate.py do
 
 TINY_GRID = (32, 32, 16)  # divisible by downscale 2 x 2^2 blocks
 

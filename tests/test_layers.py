@@ -293,9 +293,7 @@ def test_batch_norm_equals_flax_batch_norm_values_statistics_and_gradients():
         np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=1e-4)
 
     evaluated = ours.apply({"params": params, "batch_stats": stats}, x, train=False)
-    ref_eval = flax_bn.apply(
-        {"params": params, "batch_stats": stats}, x, use_running_average=True
-    )
+    ref_eval = flax_bn.apply({"params": params, "batch_stats": stats}, x, use_running_average=True)
     np.testing.assert_allclose(np.asarray(evaluated), np.asarray(ref_eval), rtol=1e-5, atol=1e-5)
 
 

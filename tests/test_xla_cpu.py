@@ -44,3 +44,13 @@ def test_configure_after_importing_jax_takes_dots_away_from_ynnpack():
     fused, error = _probe(base)
     assert fused == 0
     assert error < 1e-4 and error_default < 1e-4
+
+
+def test_this_test_process_compiles_without_ynnpack():
+    """conftest.py configures the flags before any JAX computation of the test session."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((32, 16), jnp.float32)
+    text = jax.jit(lambda a: a @ a.T).lower(a).compile().as_text()
+    assert "__ynn_fusion" not in text
