@@ -130,15 +130,15 @@ def decoder_rates(
     return points / fwd, points / train_s
 
 
-def step_setup(config, points: int) -> tuple:
+def step_setup(config, points: Optional[int]) -> tuple:
     """(family, model, kwargs, state, batch) for train steps of 2 volumes (x `points` locations for
-    OSS-Net; the U-Nets keep their crops or slices).
+    OSS-Net; None keeps the config's own, and the U-Nets' crops or slices).
 
     The batch is noise with one foreground box filling the middle fifth of each axis; kwargs are the
     keyword arguments of the family's step functions.
     """
     config.train.batch_size = 2
-    if config.model.name == "oss_net":
+    if points is not None:
         config.train.num_points = points
     family = families.get_family(config)
     model = family.build_model(config)
@@ -157,17 +157,24 @@ def step_setup(config, points: int) -> tuple:
     return family, model, dict(model=model, tx=tx, config=config), state, batch
 
 
+def host_loop_seconds(family, kwargs: dict, state, batch: dict, repeats: int) -> tuple:
+    """(prepare_inputs seconds, update_step seconds, the prepared inputs) for key 2, as the host
+    loop runs the two programs."""
+    config, key = kwargs["config"], jax.random.key(2)
+    prepare = jax.jit(lambda b, r, n: family.prepare_inputs(b, r, n, config))
+    prepare_s = min_seconds(prepare, batch, key, state.step, repeats=repeats)
+    inputs = prepare(batch, key, state.step)
+    update = jax.jit(lambda s, i, r: family.update_step(s, i, r, **kwargs))
+    return prepare_s, min_seconds(update, state, inputs, key, repeats=repeats), inputs
+
+
 def full_step_seconds(config, points: int, repeats: int) -> dict:
     """Seconds of OSS-Net C's whole train step and of its encoder for 2 volumes of the config's grid."""
     family, model, kwargs, state, batch = step_setup(config, points)
     grid = tuple(config.data.grid_shape)
     step = jax.jit(lambda s, b, r: family.train_step(s, b, r, **kwargs))
     step_s = min_seconds(step, state, batch, jax.random.key(2), repeats=repeats)
-    prepare = jax.jit(lambda b, r, n: family.prepare_inputs(b, r, n, config))
-    prepare_s = min_seconds(prepare, batch, jax.random.key(2), state.step, repeats=repeats)
-    inputs = prepare(batch, jax.random.key(2), state.step)
-    update = jax.jit(lambda s, i, r: family.update_step(s, i, r, **kwargs))
-    update_s = min_seconds(update, state, inputs, jax.random.key(2), repeats=repeats)
+    prepare_s, update_s, inputs = host_loop_seconds(family, kwargs, state, batch, repeats)
 
     low = jax.jit(lambda x: downscale(x, config.data.downscale))(batch["image"])
     variables = {"params": state.params.fast, "batch_stats": state.batch_stats}

@@ -30,9 +30,11 @@ import statistics
 import subprocess
 import sys
 
-from benchmarks import throughput
+import jax
+import jax.numpy as jnp
 
-RESULTS = pathlib.Path(__file__).parent / "results"
+from benchmarks import throughput
+from ossnet_jax import hostmem
 
 SETS = {
     "default": "",
@@ -76,9 +78,6 @@ def cpu_model() -> str:
 
 def measure(repeats: int) -> dict:
     """Every figure of FIGURES in this process (XLA_FLAGS as it was started)."""
-    import jax
-    import jax.numpy as jnp
-
     out = {}
     a = jax.random.normal(jax.random.key(0), (8192, 512), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (512, 512), jnp.float32)
@@ -90,22 +89,18 @@ def measure(repeats: int) -> dict:
     out["fwd_points_per_s"], out["train_points_per_s"] = fwd, train
 
     family, _, kwargs, state, batch = throughput.step_setup(config, 4096)
-    config = kwargs["config"]
-    prepare = jax.jit(lambda b, r, n: family.prepare_inputs(b, r, n, config))
-    key = jax.random.key(2)
-    out["prepare_s"] = throughput.min_seconds(prepare, batch, key, state.step, repeats=repeats)
-    inputs = prepare(batch, key, state.step)
-    update = jax.jit(lambda s, i, r: family.update_step(s, i, r, **kwargs))
-    out["update_s"] = throughput.min_seconds(update, state, inputs, key, repeats=repeats)
-    del inputs, state, batch
+    out["prepare_s"], out["update_s"], _ = throughput.host_loop_seconds(
+        family, kwargs, state, batch, repeats
+    )
+    del state, batch
 
     for name, figure in (("demo", "small_step_s"), ("unet3d", "unet3d_step_s")):
         small = importlib.import_module(f"configs.{name}").get_config("small")
-        family, _, kwargs, state, batch = throughput.step_setup(
-            small, small.train.get("num_points", 0)
-        )
+        family, _, kwargs, state, batch = throughput.step_setup(small, None)
         step = jax.jit(lambda s, b, r, f=family, k=kwargs: f.train_step(s, b, r, **k))
-        out[figure] = throughput.min_seconds(step, state, batch, key, repeats=3 * repeats)
+        out[figure] = throughput.min_seconds(
+            step, state, batch, jax.random.key(2), repeats=3 * repeats
+        )
 
     demo = importlib.import_module("configs.demo").get_config("small")
     fwd, _ = throughput.decoder_rates(demo, 2**16, repeats, train=False)
@@ -114,9 +109,9 @@ def measure(repeats: int) -> dict:
 
 
 def run_child(name: str, repeats: int) -> dict:
-    """`measure` in a fresh process with the flag set `name` as XLA_FLAGS (huge pages as train.py)."""
+    """`measure` in a fresh process with the flag set `name` as XLA_FLAGS (huge pages inherited
+    from this process, re-executed with them as train.py is)."""
     env = dict(os.environ, XLA_FLAGS=SETS[name], OSSNET_XLA_CPU_FLAGS="0")
-    env.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
     cmd = [sys.executable, "-m", "benchmarks.xla_flags", "--child", "--repeats", str(repeats)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -158,7 +153,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--sets", default=",".join(SETS))
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--out", default=str(RESULTS / "xla_flags.json"))
+    parser.add_argument("--out", default=str(throughput.RESULTS / "xla_flags.json"))
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(args.repeats)), flush=True)
@@ -186,4 +181,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    hostmem.relaunch_with_huge_pages()
     main()

@@ -4,6 +4,9 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+
 from ossnet_jax import xla_cpu
 
 YNN = "--xla_cpu_experimental_ynn_fusion_type"
@@ -48,9 +51,6 @@ def test_configure_after_importing_jax_takes_dots_away_from_ynnpack():
 
 def test_this_test_process_compiles_without_ynnpack():
     """conftest.py configures the flags before any JAX computation of the test session."""
-    import jax
-    import jax.numpy as jnp
-
     a = jnp.ones((32, 16), jnp.float32)
     text = jax.jit(lambda a: a @ a.T).lower(a).compile().as_text()
     assert "__ynn_fusion" not in text

@@ -27,6 +27,16 @@ BN_MOMENTUM = 0.9  # running average keeps 90 %: PyTorch's momentum 0.1
 BN_EPSILON = 1e-5
 
 
+def _sums_over(arrays: tuple[jax.Array, ...], axes: tuple[int, ...]) -> tuple[jax.Array, ...]:
+    """Sums of same-shaped float32 arrays over `axes`, as one variadic reduction (one pass)."""
+    return jax.lax.reduce(
+        arrays,
+        tuple(jnp.zeros((), jnp.float32) for _ in arrays),
+        lambda a, b: tuple(ai + bi for ai, bi in zip(a, b)),
+        axes,
+    )
+
+
 def _pau_terms(
     x: jax.Array, numerator: jax.Array, denominator: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
@@ -108,12 +118,7 @@ def _pau_bwd(residuals, g):
         rows = math.gcd(x.size, REDUCTION_ROWS)
         terms = tuple(t.reshape(rows, -1) for t in terms)
         keep = 1
-    row_sums = jax.lax.reduce(
-        tuple(terms),
-        tuple(jnp.zeros((), jnp.float32) for _ in terms),
-        lambda a, b: tuple(ai + bi for ai, bi in zip(a, b)),
-        tuple(range(keep, terms[0].ndim)),
-    )
+    row_sums = _sums_over(tuple(terms), tuple(range(keep, terms[0].ndim)))
     sums = jnp.stack([r.sum() for r in row_sums])  # (10,)
     d_num = sums[:6].astype(numerator.dtype)
     d_den = sums[6:].astype(denominator.dtype)
@@ -287,12 +292,7 @@ def _channel_sums(arrays: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
     """
     arrays = tuple(a.astype(jnp.float32) for a in arrays)
     keep = min(2, arrays[0].ndim - 1)
-    rows = jax.lax.reduce(
-        arrays,
-        tuple(jnp.zeros((), jnp.float32) for _ in arrays),
-        lambda a, b: tuple(ai + bi for ai, bi in zip(a, b)),
-        tuple(range(keep, arrays[0].ndim - 1)),
-    )
+    rows = _sums_over(arrays, tuple(range(keep, arrays[0].ndim - 1)))
     return tuple(r.reshape(-1, r.shape[-1]).sum(0) for r in rows)
 
 
@@ -312,16 +312,21 @@ def batch_norm_train(
     return _batch_norm_fwd(x, scale, bias)[0]
 
 
+def _normalise(
+    x: jax.Array, mean: jax.Array, inv: jax.Array, scale: jax.Array, bias: jax.Array
+) -> jax.Array:
+    """(x - mean) * inv * scale + bias as one multiply-add per value, in x's dtype; the rest (C,)."""
+    a = scale * inv
+    return x * a.astype(x.dtype) + (bias - mean * a).astype(x.dtype)
+
+
 def _batch_norm_fwd(x, scale, bias):
     n = x.size // x.shape[-1]
     total, squares = _channel_sums((x, jnp.square(x.astype(jnp.float32))))
     mean = total / n
     var = jnp.maximum(squares / n - jnp.square(mean), 0.0)
     inv = jax.lax.rsqrt(var + BN_EPSILON)
-    a = scale * inv
-    c = bias - mean * a
-    y = x * a.astype(x.dtype) + c.astype(x.dtype)
-    return (y, mean, var), (x, scale, mean, inv)
+    return (_normalise(x, mean, inv, scale, bias), mean, var), (x, scale, mean, inv)
 
 
 def _batch_norm_bwd(residuals, cotangents):
@@ -367,8 +372,8 @@ class BatchNorm(nn.Module):
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
         x = x.astype(self.dtype)
         if not train:
-            a = scale * jax.lax.rsqrt(ra_var.value + BN_EPSILON)
-            return x * a.astype(self.dtype) + (bias - ra_mean.value * a).astype(self.dtype)
+            inv = jax.lax.rsqrt(ra_var.value + BN_EPSILON)
+            return _normalise(x, ra_mean.value, inv, scale, bias)
         y, mean, var = batch_norm_train(x, scale, bias)
         if not self.is_initializing():
             ra_mean.value = BN_MOMENTUM * ra_mean.value + (1 - BN_MOMENTUM) * mean
