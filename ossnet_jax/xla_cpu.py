@@ -1,22 +1,43 @@
-"""XLA:CPU flags of the entry points: YNNPACK's fusions off, so dots run in XLA's Eigen GEMM.
+"""XLA:CPU flags of the entry points: YNNPACK's fusions off, and reassociation for vectorised loops.
 
-jaxlib 0.10 hands XLA:CPU's dot products (and some elementwise and reduction fusions) to YNNPACK by
-default. On the 2-core AMD EPYC (Zen 5) this project is measured on, OSS-Net C's programs ran faster
-with YNNPACK's fusions off (`python -m benchmarks.xla_flags`, medians of 3 alternating rounds, one
-process each): at the official sizes the update step 2.97 -> 2.50 s and prepare_inputs 0.52 -> 0.42 s
-(2 x 4096 locations), the demo's inference decoder 78,800 -> 109,000 locations/s; the demo's train step
-and the 3D U-Net's did not move (0.367 / 0.362 s, 0.78 / 0.72 s). XNNPACK or oneDNN dots were no
-better. The flag only names an XLA:CPU option, so accelerator programs are untouched; results agree to
-float32 rounding (products summed in another order).
+1. YNNPACK off (`--xla_cpu_experimental_ynn_fusion_type=`), so dots run in XLA's Eigen GEMM. jaxlib 0.10
+   hands XLA:CPU's dot products (and some elementwise and reduction fusions) to YNNPACK by default. On
+   the 2-core AMD EPYC Zen 5 (family 26), medians of 3 alternating rounds of `python -m
+   benchmarks.xla_flags`, one process each, OSS-Net C at the official sizes (2 x 4096 locations): update
+   step 2.97 -> 2.50 s, prepare_inputs 0.52 -> 0.42 s, the demo's inference decoder 78,800 -> 109,000
+   locations/s. On a Zen 4 (family 25), one round: update 4.93 -> 4.67 s, decoder forward 18,475 ->
+   20,212 locations/s. XNNPACK or oneDNN dots were no better.
+2. Reassociation (REASSOCIATION). Without it LLVM keeps the sequential order of every floating-point
+   sum, so the loop of a reduction fusion is scalar code. That is the PAU backward's ten coefficient
+   sums, the BatchNorm sums, and the weight gradients fused into reductions: encoder block 0's PAU
+   backward reduction took 364 ms of the update step, 38 ms with reassociation, and its BatchNorm
+   backward reduction 327 -> 107 ms (profile, Zen 4). Medians of 2 alternating rounds on the Zen 4,
+   with YNNPACK off in both: update step 4.79 -> 3.78 s, prepare 0.62 -> 0.53 s, decoder forward
+   17,350 -> 21,579 and forward + backward 3,808 -> 4,586 locations/s, the demo's train step 0.555 ->
+   0.457 s, the 3D U-Net's 1.10 -> 1.04 s (benchmarks/NOTES.md). NaN, Inf, exact division and exact
+   library functions stay honoured, so isfinite, the NaN/Inf guard of the update and exp/log/tanh
+   mean what they did; sums change by float32 rounding only (as on GPUs, whose reductions are trees).
+
+The flags only name XLA:CPU options, so accelerator programs are untouched.
 
 XLA reads XLA_FLAGS when it creates its first backend, so `configure` must run before any JAX
-computation (importing jax is fine). A flag the user already put in XLA_FLAGS wins over ours;
-OSSNET_XLA_CPU_FLAGS=0 adds nothing. This module imports nothing heavy.
+computation (importing jax is fine). A flag the user already put in XLA_FLAGS wins over ours (each is
+judged by its name); OSSNET_XLA_CPU_FLAGS=0 adds nothing. This module imports nothing heavy.
 """
 
 import os
 
-FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",)
+# LLVM may reassociate floating-point operations (and contract them into FMAs, ignore the sign of zero),
+# which lets it vectorise the loops of reduction fusions; NaN, Inf, exact division and exact library
+# functions stay honoured, so isfinite checks, the NaN/Inf guard and exp/log/tanh keep their meaning.
+REASSOCIATION = (
+    "--xla_cpu_enable_fast_math=true",
+    "--xla_cpu_fast_math_honor_nans=true",
+    "--xla_cpu_fast_math_honor_infs=true",
+    "--xla_cpu_fast_math_honor_division=true",
+    "--xla_cpu_fast_math_honor_functions=true",
+)
+FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",) + REASSOCIATION
 OPT_OUT = "OSSNET_XLA_CPU_FLAGS"
 
 

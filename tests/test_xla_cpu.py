@@ -6,6 +6,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ossnet_jax import xla_cpu
 
@@ -24,10 +25,14 @@ PROBE = (
 
 def test_merged_flags_appends_keeps_the_users_and_opts_out():
     assert xla_cpu.merged_flags({}) == " ".join(xla_cpu.FLAGS)
-    user = "--xla_cpu_enable_fast_math=false"
+    user = "--xla_cpu_use_thunk_runtime=true"
     assert xla_cpu.merged_flags({"XLA_FLAGS": user}) == f"{user} {' '.join(xla_cpu.FLAGS)}"
     own = f"{YNN}=dot"
-    assert xla_cpu.merged_flags({"XLA_FLAGS": own}) == own
+    rest = " ".join(f for f in xla_cpu.FLAGS if not f.startswith(YNN))
+    assert xla_cpu.merged_flags({"XLA_FLAGS": own}) == f"{own} {rest}"
+    no_fast = "--xla_cpu_enable_fast_math=false"
+    merged = xla_cpu.merged_flags({"XLA_FLAGS": no_fast}).split()
+    assert merged[0] == no_fast and "--xla_cpu_enable_fast_math=true" not in merged
     assert xla_cpu.merged_flags({"XLA_FLAGS": user, xla_cpu.OPT_OUT: "0"}) == user
     assert xla_cpu.merged_flags({xla_cpu.OPT_OUT: "0"}) == ""
 
@@ -54,3 +59,51 @@ def test_this_test_process_compiles_without_ynnpack():
     a = jnp.ones((32, 16), jnp.float32)
     text = jax.jit(lambda a: a @ a.T).lower(a).compile().as_text()
     assert "__ynn_fusion" not in text
+
+
+def test_reassociation_keeps_nan_inf_and_division_exact():
+    """The session compiles with xla_cpu.REASSOCIATION (conftest): fused reductions and elementwise
+    code must still see NaN and Inf (the NaN/Inf guard of the update) and divide exactly."""
+    assert set(xla_cpu.REASSOCIATION) <= set(os.environ["XLA_FLAGS"].split())
+    x = jnp.asarray([1.0, 2.0, jnp.nan, 4.0] * 64, jnp.float32)
+    y = jnp.asarray([1.0, jnp.inf, 3.0, 4.0] * 64, jnp.float32)
+    checks = jax.jit(
+        lambda x, y, s: (
+            jnp.isnan(jnp.sum(x * s)),
+            jnp.isinf(jnp.sum(y * s)),
+            jnp.all(jnp.isfinite(x * s)),
+            jnp.max(x * s),
+            (y * s) / 3.0,
+        )
+    )
+    has_nan, has_inf, all_finite, largest, quotient = checks(x, y, jnp.float32(1.0))
+    assert bool(has_nan) and bool(has_inf) and not bool(all_finite)
+    assert bool(jnp.isnan(largest))
+    np.testing.assert_array_equal(
+        np.asarray(quotient), np.asarray(y, np.float64).astype(np.float32) / np.float32(3.0)
+    )
+
+
+def test_reassociated_reduction_matches_float64():
+    """A 10-output variadic reduction like the PAU backward's, summed in the reassociated order,
+    against numpy in float64."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 64, 96)).astype(np.float32)
+    g = rng.normal(size=(16, 64, 96)).astype(np.float32)
+
+    def sums(x, g):
+        terms = [g]
+        for _ in range(9):
+            terms.append(terms[-1] * x)
+        return jax.lax.reduce(
+            tuple(terms),
+            tuple(jnp.zeros((), jnp.float32) for _ in terms),
+            lambda a, b: tuple(ai + bi for ai, bi in zip(a, b)),
+            (1, 2),
+        )
+
+    got = np.stack([np.asarray(r) for r in jax.jit(sums)(x, g)])
+    x64, g64 = x.astype(np.float64), g.astype(np.float64)
+    want = np.stack([(g64 * x64**i).sum(axis=(1, 2)) for i in range(10)])
+    scale = np.stack([(np.abs(g64) * np.abs(x64) ** i).sum(axis=(1, 2)) for i in range(10)])
+    assert np.all(np.abs(got - want) <= 1e-5 * scale)
