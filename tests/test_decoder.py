@@ -7,6 +7,7 @@ import pytest
 
 from ossnet_jax.models.decoder import Decoder, DecoderBlock, SplitDense
 from ossnet_jax.models.oss_net import OSSNet
+from ossnet_jax.models.recompute import after_gradient
 
 
 def _random_like(tree, seed):
@@ -14,6 +15,17 @@ def _random_like(tree, seed):
     return jax.tree.map(
         lambda p: p + jnp.asarray(rng.normal(size=p.shape) * 0.2, jnp.float32), tree
     )
+
+
+def assert_close_to_scale(got, expected):
+    """Equal to 1e-4 of the largest magnitude of `expected` (of at least 0.1). The recomputed backward
+    is another program whose sums XLA:CPU reassociates (xla_cpu.REASSOCIATION) in an order of its own
+    and the vector width of the machine, so gradients after the blocks' batch-norm backward (sums with
+    cancellation) differ by up to ~1.3e-5 of that magnitude here; a recomputation with other
+    statistics or inputs differs by orders more."""
+    expected = np.asarray(expected)
+    scale = max(float(np.max(np.abs(expected))), 0.1)
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=1e-4 * scale)
 
 
 def test_split_dense_equals_dense_of_the_concatenation_with_gradients():
@@ -109,7 +121,7 @@ def test_recomputed_blocks_give_the_same_values_gradients_and_statistics(num_lat
     np.testing.assert_allclose(logits_r, logits, rtol=1e-6, atol=1e-6)
     assert jax.tree.structure(got) == jax.tree.structure(expected)
     for a, b in zip(jax.tree.leaves((got, stats_r)), jax.tree.leaves((expected, stats))):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        assert_close_to_scale(a, b)
     assert float(jnp.max(jnp.abs(got[0]["block1"]["dense1"]["kernel"]))) > 0  # not vacuous
 
 
@@ -144,8 +156,45 @@ def test_recomputed_patch_encoder_and_blocks_give_the_same_decoder_gradients():
     (expected, logits), (got, logits_r) = grads(plain), grads(recomputed)
     np.testing.assert_allclose(logits_r, logits, rtol=1e-6, atol=1e-6)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        assert_close_to_scale(a, b)
     assert float(jnp.max(jnp.abs(got["patch_net"]["conv1"]["kernel"]))) > 0  # not vacuous
+
+
+def test_recomputed_blocks_keep_their_memory_saving_under_the_entry_points_flags():
+    """XLA's memory analysis of the compiled gradient: with remat the blocks' activations are not
+    stored. The session compiles with xla_cpu.FLAGS (conftest), whose reassociation once let XLA fold
+    the recomputation's dependency on the gradient (0 * g) and run it in the forward pass: the saving
+    was gone (temporaries 54.0 against 55.0 MiB here; 14.1 MiB with a dependency it cannot fold)."""
+    features, latents = jnp.zeros((1, 4096, 16)), jnp.zeros((1, 6, 8))
+
+    def temporaries(model):
+        variables = model.init(jax.random.key(0), features, latents, False)
+
+        def loss(params, features, latents):
+            logits, _ = model.apply(
+                {"params": params, "batch_stats": variables["batch_stats"]},
+                features,
+                latents,
+                True,
+                mutable=["batch_stats"],
+            )
+            return jnp.sum(logits)
+
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        compiled = grad.lower(variables["params"], features, latents).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    plain, recomputed = temporaries(Decoder(64, 5)), temporaries(Decoder(64, 5, remat=True))
+    assert recomputed < 0.5 * plain, (recomputed, plain)
+
+
+def test_after_gradient_is_the_input_for_finite_and_infinite_gradients():
+    x = jnp.asarray([[1.5, -2.0], [0.0, 3.25]], jnp.float32)
+    for first in (0.7, -0.0, -4.0, jnp.inf, -jnp.inf):
+        g = jnp.full((2, 3), 1.0).at[0, 0].set(first)
+        np.testing.assert_array_equal(np.asarray(after_gradient(x, g)), np.asarray(x))
+    g = jnp.ones((2, 3)).at[0, 0].set(jnp.nan)
+    assert bool(jnp.all(jnp.isnan(after_gradient(x, g))))
 
 
 def test_recomputed_blocks_refuse_dropout():

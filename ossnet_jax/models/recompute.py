@@ -4,6 +4,19 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+
+
+def after_gradient(x: jax.Array, g: jax.Array) -> jax.Array:
+    """x plus min(|g[0, ..., 0]|, 0): equal to x for a finite or infinite g (NaN where g's first value
+    is NaN, which skips the update anyway), but computable only once g exists.
+
+    The term must be one XLA's algebraic simplifier cannot prove zero: with the entry points' XLA:CPU
+    reassociation flags (ossnet_jax/xla_cpu.py) it folds 0 * g to 0, the recomputation then ran
+    during the forward pass and OSS-Net C's update step needed 2,865 MiB instead of 1,309 MiB at
+    2^14 locations (benchmarks/NOTES.md).
+    """
+    return x + jnp.minimum(jnp.abs(g[(0,) * g.ndim]), 0).astype(x.dtype)
 
 
 def recomputed(
@@ -12,11 +25,11 @@ def recomputed(
     """call(module, x, *rest) in training, storing only its inputs and variables for the backward pass.
 
     The backward rule runs call again and differentiates that. Its input x is first made to depend on
-    the incoming gradient (x + 0 * g[0, ..., 0], exact for a finite gradient; a non-finite one skips
-    the update anyway), so XLA cannot schedule the recomputation before the gradient exists: XLA:CPU
-    drops optimization barriers, and with jax.checkpoint / nn.remat it recomputed every block right
-    after the forward pass (benchmarks/NOTES.md). Collections other than 'params' (batch-norm
-    statistics) are updated by the forward pass only. Returns call's (B, N, F) output.
+    the incoming gradient (`after_gradient`), so XLA cannot schedule the recomputation before the
+    gradient exists: XLA:CPU drops optimization barriers, and with jax.checkpoint / nn.remat it
+    recomputed every block right after the forward pass (benchmarks/NOTES.md). Collections other than
+    'params' (batch-norm statistics) are updated by the forward pass only. Returns call's (B, N, F)
+    output.
     """
 
     def forward(mdl, x, *rest):
@@ -25,7 +38,7 @@ def recomputed(
 
     def backward(residuals, g):
         variables, x, rest = residuals
-        x = x + (0 * g[(0,) * g.ndim]).astype(x.dtype)
+        x = after_gradient(x, g)
         others = {k: v for k, v in variables.items() if k != "params"}
         clone = module.clone(parent=None)
 
