@@ -93,6 +93,23 @@ def test_decoder_equals_blocks_on_the_concatenated_input(num_latents):
         np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=1e-4)
 
 
+def _training_grad(model, batch_stats):
+    """Gradient of sum(sin(3 logits)) of a Decoder in training mode with respect to (params, features,
+    latents); aux: (logits, updated batch statistics)."""
+
+    def loss(params, features, latents):
+        logits, mutated = model.apply(
+            {"params": params, "batch_stats": batch_stats},
+            features,
+            latents,
+            True,
+            mutable=["batch_stats"],
+        )
+        return jnp.sum(jnp.sin(3 * logits)), (logits, mutated)
+
+    return jax.grad(loss, argnums=(0, 1, 2), has_aux=True)
+
+
 @pytest.mark.parametrize("num_latents", [1, 4])
 def test_recomputed_blocks_give_the_same_values_gradients_and_statistics(num_latents):
     """remat=True stores only block inputs and runs the blocks again in the backward pass."""
@@ -104,17 +121,8 @@ def test_recomputed_blocks_give_the_same_values_gradients_and_statistics(num_lat
     params = _random_like(variables["params"], 2)
 
     def grads(model):
-        def loss(params, features, latents):
-            logits, mutated = model.apply(
-                {"params": params, "batch_stats": variables["batch_stats"]},
-                features,
-                latents,
-                True,
-                mutable=["batch_stats"],
-            )
-            return jnp.sum(jnp.sin(3 * logits)), (logits, mutated)
-
-        return jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(params, features, latents)
+        grad = _training_grad(model, variables["batch_stats"])
+        return jax.jit(grad)(params, features, latents)
 
     expected, (logits, stats) = grads(plain)
     got, (logits_r, stats_r) = grads(recomputed)
@@ -169,18 +177,7 @@ def test_recomputed_blocks_keep_their_memory_saving_under_the_entry_points_flags
 
     def temporaries(model):
         variables = model.init(jax.random.key(0), features, latents, False)
-
-        def loss(params, features, latents):
-            logits, _ = model.apply(
-                {"params": params, "batch_stats": variables["batch_stats"]},
-                features,
-                latents,
-                True,
-                mutable=["batch_stats"],
-            )
-            return jnp.sum(logits)
-
-        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        grad = jax.jit(_training_grad(model, variables["batch_stats"]))
         compiled = grad.lower(variables["params"], features, latents).compile()
         return compiled.memory_analysis().temp_size_in_bytes
 
