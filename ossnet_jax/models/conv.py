@@ -16,8 +16,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# Bytes of one slab's im2col columns; ~8 MiB keeps them near the 2-core CPU's caches (benchmarks/NOTES.md).
-SLAB_BYTES = 8 * 2**20
+# Bytes of one slab's im2col columns. 16 MiB gives the encoder's slab layers 2 X-planes per slab (8 MiB:
+# 1): on the Zen 5 machine block 0's first kernel gradient alone 253 -> 207 ms (medians of 3), the
+# update step 2.20 -> 2.10 s (medians of 6 alternating processes; benchmarks/NOTES.md, tenth run).
+SLAB_BYTES = 16 * 2**20
 # Volumes with fewer voxels (X Y Z) keep XLA's kernel gradient: there it is as fast (0.03 s at 32x32x20)
 # and the slab loop only adds compile time (demo update step 16.5 s -> 31.5 s with slabs everywhere).
 SLAB_MIN_VOXELS = 2**16
