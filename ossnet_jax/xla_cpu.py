@@ -11,10 +11,12 @@
    sum, so the loop of a reduction fusion is scalar code. That is the PAU backward's ten coefficient
    sums, the BatchNorm sums, and the weight gradients fused into reductions: encoder block 0's PAU
    backward reduction took 364 ms of the update step, 38 ms with reassociation, and its BatchNorm
-   backward reduction 327 -> 107 ms (profile, Zen 4). Medians of 2 alternating rounds on the Zen 4,
-   with YNNPACK off in both: update step 4.79 -> 3.78 s, prepare 0.62 -> 0.53 s, decoder forward
-   17,350 -> 21,579 and forward + backward 3,808 -> 4,586 locations/s, the demo's train step 0.555 ->
-   0.457 s, the 3D U-Net's 1.10 -> 1.04 s (benchmarks/NOTES.md). NaN, Inf, exact division and exact
+   backward reduction 327 -> 107 ms (profile, Zen 4). Medians of 2 alternating rounds on the Zen 5,
+   with YNNPACK off in both: update step 2.26 -> 2.01 s, prepare 0.41 -> 0.38 s, decoder forward +
+   backward 8,227 -> 8,809 locations/s, the demo's train step 0.292 -> 0.260 s (benchmarks/NOTES.md,
+   tenth run; the Zen 4 comparison of the ninth run, update 4.79 -> 3.78 s, was measured while these
+   flags let XLA fold away train.remat's recomputation, see models/recompute.after_gradient, and is
+   an upper bound). NaN, Inf, exact division and exact
    library functions stay honoured, so isfinite, the NaN/Inf guard of the update and exp/log/tanh
    mean what they did; sums change by float32 rounding only (as on GPUs, whose reductions are trees).
 
