@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from scipy import special, stats
 
 from ossnet_jax.data import augment, preprocess, sampling
 
@@ -107,3 +108,60 @@ def test_augment_batch_loop_equals_the_vmapped_augmentation():
     for a, b in zip(looped[1:], vmapped[1:]):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert not np.array_equal(np.asarray(looped[0]), np.asarray(images))  # something was applied
+
+
+def _threefry2x32_numpy(key: tuple[int, int], x0: np.ndarray, x1: np.ndarray) -> tuple:
+    """Threefry-2x32 with 20 rounds (Salmon et al., SC 2011) in numpy uint32 arithmetic."""
+    rotations = (13, 15, 26, 6, 17, 29, 16, 24)
+    ks = [np.uint32(key[0]), np.uint32(key[1])]
+    ks.append(ks[0] ^ ks[1] ^ np.uint32(0x1BD11BDA))
+    x0, x1 = x0.astype(np.uint32) + ks[0], x1.astype(np.uint32) + ks[1]
+    for group in range(5):
+        for r in rotations[4 * (group % 2) : 4 * (group % 2) + 4]:
+            x0 = x0 + x1
+            x1 = (x1 << np.uint32(r)) | (x1 >> np.uint32(32 - r))
+            x1 = x1 ^ x0
+        x0 = x0 + ks[(group + 1) % 3]
+        x1 = x1 + ks[(group + 2) % 3] + np.uint32(group + 1)
+    return x0, x1
+
+
+def test_threefry_reference_matches_the_published_answers():
+    zero = np.zeros(1, np.uint32)
+    assert [int(v[0]) for v in _threefry2x32_numpy((0, 0), zero, zero)] == [0x6B200159, 0x99BA4EFE]
+    ones = np.full(1, 0xFFFFFFFF, np.uint32)
+    got = _threefry2x32_numpy((0xFFFFFFFF, 0xFFFFFFFF), ones, ones)
+    assert [int(v[0]) for v in got] == [0x1CB996FC, 0xBB002BE7]
+
+
+def test_added_noise_equals_a_float64_reference_of_its_definition():
+    key = jax.random.key(11)
+    shape = (7, 5, 3)  # 105 values: odd, so the last counter's second word is dropped
+    image = jnp.asarray(np.random.default_rng(2).normal(size=shape), jnp.float32)
+    got = np.asarray(jax.jit(lambda k, x: augment.add_gaussian_noise(k, x, 0.25))(key, image))
+    n, half = 105, 53
+    words = np.asarray(jax.random.key_data(key))
+    counter = np.arange(half, dtype=np.uint32)
+    first, second = _threefry2x32_numpy(tuple(int(w) for w in words), counter, counter + half)
+    bits = np.concatenate([first, second])[:n]
+    u = (bits >> np.uint32(9)).astype(np.float64) * 2.0**-23
+    lowest = float(np.nextafter(np.float32(-1), np.float32(1)))
+    expected = np.sqrt(2.0) * special.erfinv(np.maximum(lowest, 2.0 * u - 1.0))
+    assert got.shape == shape and got.dtype == np.float32
+    expected = np.asarray(image, np.float64).reshape(-1) + 0.25 * expected
+    np.testing.assert_allclose(got.reshape(-1), expected, rtol=2e-5, atol=2e-6)
+
+
+def test_added_noise_is_standard_normal_and_its_halves_independent():
+    def noise(key: int, n: int) -> jax.Array:
+        return augment.add_gaussian_noise(jax.random.key(key), jnp.zeros((n,)), 1.0)
+
+    z = np.asarray(noise(4, 2**17), np.float64)
+    assert stats.kstest(z, "norm").pvalue > 1e-3
+    assert abs(np.corrcoef(z[: 2**16], z[2**16 :])[0, 1]) < 0.02  # counter i gives both halves
+    other = np.asarray(noise(5, 2**17))
+    assert abs(np.corrcoef(z, other)[0, 1]) < 0.02
+    keys = jnp.stack([jax.random.key(4), jax.random.key(5)])
+    batched = jax.vmap(lambda k: augment.add_gaussian_noise(k, jnp.zeros((9,)), 1.0))(keys)
+    for row, key in zip(np.asarray(batched), (4, 5)):
+        np.testing.assert_array_equal(row, np.asarray(noise(key, 9)))

@@ -1,8 +1,48 @@
 """Training augmentation on the device (official recipe): in-plane flips, brightness shift, noise."""
 
+import math
+
 import jax
+import jax.extend as jex
 import jax.numpy as jnp
 import ml_collections
+
+
+def add_gaussian_noise(key: jax.Array, x: jax.Array, std: float) -> jax.Array:
+    """x + std * z for standard normal z drawn with a threefry key, two values per threefry block.
+
+    jax.random.normal of a threefry key hashes one counter per value and keeps the XOR of the block's
+    two output words; here counter i gives the values at flat indices i and i + n/2 (n = x.size rounded
+    up to even), so the hashing costs half. Each value is sqrt(2) erfinv(2u - 1) of a uniform u of the
+    word's top 23 bits, clipped to the open interval as jax.random.normal does. The two halves of x
+    are noised separately and joined, the form XLA:CPU fuses into vectorised loops (joining the noise
+    first took longer than jax.random.normal). A BraTS volume (256 x 256 x 160 x 4): 0.14-0.16 s against
+    0.25 s on the 2-core CPU (benchmarks/NOTES.md). Keys of another PRNG implementation use
+    jax.random.normal. Returns x's shape and dtype (the noise is float32).
+    """
+    if str(jax.random.key_impl(key)) != "threefry2x32":
+        return x + std * jax.random.normal(key, x.shape, jnp.float32).astype(x.dtype)
+    n = x.size
+    flat = x.reshape(-1).astype(jnp.float32)
+    if n % 2:
+        flat = jnp.concatenate([flat, jnp.zeros((1,), jnp.float32)])
+    half = flat.size // 2
+    words = jax.random.key_data(key)
+    counter = jax.lax.iota(jnp.uint32, half)
+    first, second = jex.random.threefry2x32_p.bind(
+        words[0], words[1], counter, counter + jnp.uint32(half)
+    )
+    lowest = jnp.nextafter(jnp.float32(-1), jnp.float32(1))
+
+    def normal(bits: jax.Array) -> jax.Array:
+        mantissa = (bits >> jnp.uint32(9)) | jnp.uint32(0x3F800000)
+        u = jax.lax.bitcast_convert_type(mantissa, jnp.float32) - 1.0  # [0, 1)
+        return jnp.float32(math.sqrt(2.0)) * jax.scipy.special.erfinv(
+            jnp.maximum(lowest, 2.0 * u - 1.0)
+        )
+
+    noisy = jnp.concatenate([flat[:half] + std * normal(first), flat[half:] + std * normal(second)])
+    return noisy[:n].reshape(x.shape).astype(x.dtype)
 
 
 def augment(
@@ -41,7 +81,7 @@ def augment(
         apply = jax.random.uniform(keys[4]) < cfg.augment_probability
         image = jax.lax.cond(
             apply,
-            lambda x: x + cfg.noise_std * jax.random.normal(keys[5], x.shape, x.dtype),
+            lambda x: add_gaussian_noise(keys[5], x, cfg.noise_std),
             lambda x: x,
             image,
         )
