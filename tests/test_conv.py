@@ -34,26 +34,30 @@ def test_conv3d_equals_nn_conv_with_gradients(kernel, use_bias):
     np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("slab_bytes,planes", [(1, 1), (2 * 5 * 4 * 27 * 3 * 4, 2), (2**30, 6)])
-def test_kernel_gradient_summed_over_slabs_matches_numpy(monkeypatch, slab_bytes, planes):
+@pytest.mark.parametrize(
+    "k,slab_bytes,planes",
+    [(3, 1, 1), (3, 2 * 7 * 6 * 27 * 3 * 4, 2), (3, 2**30, 6), (5, 3 * 9 * 8 * 125 * 3 * 4, 3)],
+)
+def test_kernel_gradient_summed_over_slabs_matches_numpy(monkeypatch, k, slab_bytes, planes):
     """The slab-wise GEMM kernel gradient equals a float64 loop over taps, whatever the slab size."""
     monkeypatch.setattr(conv, "SLAB_BYTES", slab_bytes)
     monkeypatch.setattr(conv, "SLAB_MIN_VOXELS", 0)  # the slab path also for this small volume
     rng = np.random.default_rng(1)
     x = rng.normal(size=(2, 6, 5, 4, 3))
     g = rng.normal(size=(2, 6, 5, 4, 2))
-    assert conv.slab_planes(x.shape, 3, 4) == planes
-    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (1, 1), (0, 0)))
-    expected = np.zeros((3, 3, 3, 3, 2))
-    for i, j, m in np.ndindex(3, 3, 3):
+    assert conv.slab_planes(x.shape, k, 4) == planes
+    p = k // 2
+    padded = np.pad(x, ((0, 0), (p, p), (p, p), (p, p), (0, 0)))
+    expected = np.zeros((k, k, k, 3, 2))
+    for i, j, m in np.ndindex(k, k, k):
         window = padded[:, i : i + 6, j : j + 5, m : m + 4]
         expected[i, j, m] = np.einsum("bxyzc,bxyzo->co", window, g)
     got = jax.jit(conv.conv3d_kernel_grad, static_argnums=2)(
-        jnp.asarray(x, jnp.float32), jnp.asarray(g, jnp.float32), 3
+        jnp.asarray(x, jnp.float32), jnp.asarray(g, jnp.float32), k
     )
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
-    kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 3, 2)), jnp.float32)
-    _, vjp = jax.vjp(lambda k: conv.conv3d_same(jnp.asarray(x, jnp.float32), k), kernel)
+    kernel = jnp.asarray(rng.normal(size=(k, k, k, 3, 2)), jnp.float32)
+    _, vjp = jax.vjp(lambda w: conv.conv3d_same(jnp.asarray(x, jnp.float32), w), kernel)
     np.testing.assert_allclose(
         np.asarray(vjp(jnp.asarray(g, jnp.float32))[0]), expected, rtol=1e-5, atol=1e-5
     )

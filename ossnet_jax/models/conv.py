@@ -5,8 +5,8 @@ k shifted copies of the volume along X as channels turns a k^3 convolution into 
 (Y, Z) with X folded into the batch, which XLA runs 3-9x faster there; the input gradient is that
 form's transpose. The kernel gradient is not taken from XLA: it lowers it to one convolution whose
 window spans the whole volume, ~0.7 s for the encoder's first layer on 2 volumes at 13 GFLOP/s. Here
-it is a sum over slabs of a few X-planes of one GEMM each, (slab voxels, k^3 Cin)^T @ (slab voxels,
-Cout), the columns of each slab built in cache. Parameters keep nn.Conv's names and shapes, so
+it is a sum over slabs of a few X-planes of one GEMM each, (k^3 Cin, slab voxels) @ (slab voxels,
+Cout), the channel-major columns of each slab built in cache. Parameters keep nn.Conv's names and shapes, so
 checkpoints of either form load into the other.
 """
 
@@ -47,15 +47,24 @@ def _conv3d_folded(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 def slab_planes(shape: tuple[int, ...], k: int, itemsize: int) -> int:
     """X-planes per slab for the kernel gradient of a (B, X, Y, Z, Cin) input: the largest divisor of X
-    whose im2col columns (planes Y Z k^3 Cin values) fit SLAB_BYTES, at least 1."""
+    whose im2col columns (planes (Y + k - 1) (Z + k - 1) k^3 Cin values, the padded lattice) fit
+    SLAB_BYTES, at least 1."""
     nx, ny, nz, cin = shape[1:]
-    per_plane = ny * nz * k**3 * cin * itemsize
+    per_plane = (ny + k - 1) * (nz + k - 1) * k**3 * cin * itemsize
     fitting = [d for d in range(1, nx + 1) if nx % d == 0 and d * per_plane <= SLAB_BYTES]
     return max(fitting, default=1)
 
 
 def conv3d_kernel_grad(x: jax.Array, g: jax.Array, k: int) -> jax.Array:
     """Gradient of sum(g * conv3d_same(x, kernel)) with respect to the (k, k, k, Cin, Cout) kernel.
+
+    Channel-major im2col on the padded lattice: x is zero-padded, transposed to (Cin, padded voxels)
+    and flattened, so the input of tap (i, j, m) for every output voxel of a slab is one contiguous row
+    shifted by (i Yp + j) Zp + m. A slab's columns (k^3 Cin, lattice voxels) are k^3 Cin row copies;
+    g is padded at the high Y and Z ends to the same lattice, with zeros where a lattice voxel is no
+    output voxel, and each slab adds columns @ g_slab (a GEMM contracting the slab's voxels). Row copies
+    replace the channels-last im2col's Cin-value pieces: encoder block 0's first kernel gradient
+    (2 x 128 x 128 x 80, 4 -> 16) 146 -> 105 ms alone on the 2-core CPU (benchmarks/NOTES.md).
 
     Args:
       x: (B, X, Y, Z, Cin) input of the convolution.
@@ -67,29 +76,27 @@ def conv3d_kernel_grad(x: jax.Array, g: jax.Array, k: int) -> jax.Array:
     b, nx, ny, nz, cin = x.shape
     cout = g.shape[-1]
     p = k // 2
+    yp, zp = ny + 2 * p, nz + 2 * p
     planes = slab_planes(x.shape, k, x.dtype.itemsize)
     per_volume = nx // planes
-    padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (p, p), (0, 0)))
-    g_slabs = g.reshape(b * per_volume, planes * ny * nz, cout)
+    length = planes * yp * zp
+    shifts = [(i * yp + j) * zp + m for i in range(k) for j in range(k) for m in range(k)]
+    # one extra high X-plane keeps the last slab's widest shift inside the array
+    lattice = jnp.pad(x, ((0, 0), (p, p + 1), (p, p), (p, p), (0, 0)))
+    lattice = lattice.transpose(0, 4, 1, 2, 3).reshape(b, cin, -1)
+    g_lattice = jnp.pad(g, ((0, 0), (0, 0), (0, 2 * p), (0, 2 * p), (0, 0)))
+    g_lattice = g_lattice.reshape(b, nx * yp * zp, cout)
 
     def add_slab(total, index):
-        start = (index // per_volume, (index % per_volume) * planes, 0, 0, 0)
-        size = (1, planes + 2 * p, ny + 2 * p, nz + 2 * p, cin)
-        slab = jax.lax.dynamic_slice(padded, start, size)[0]
+        volume, start = index // per_volume, (index % per_volume) * length
+        rows = jax.lax.dynamic_index_in_dim(lattice, volume, 0, keepdims=False)
+        window = jax.lax.dynamic_slice_in_dim(rows, start, length + shifts[-1], axis=1)
         columns = jnp.concatenate(
-            [
-                slab[i : i + planes, j : j + ny, m : m + nz]
-                for i in range(k)
-                for j in range(k)
-                for m in range(k)
-            ],
-            axis=-1,
-        ).reshape(planes * ny * nz, k**3 * cin)  # column (tap, c), taps row-major over (i, j, m)
+            [window[:, shift : shift + length] for shift in shifts], axis=0
+        )  # row tap Cin + c, taps row-major over (i, j, m)
+        g_slab = jax.lax.dynamic_slice(g_lattice, (volume, start, 0), (1, length, cout))[0]
         product = jax.lax.dot_general(
-            columns,
-            g_slabs[index],
-            (((0,), (0,)), ((), ())),
-            preferred_element_type=jnp.float32,
+            columns, g_slab, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
         )
         return total + product, None
 
