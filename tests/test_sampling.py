@@ -134,6 +134,17 @@ def test_threefry_reference_matches_the_published_answers():
     assert [int(v[0]) for v in got] == [0x1CB996FC, 0xBB002BE7]
 
 
+def test_threefry_matches_the_numpy_reference_for_any_key_and_counter():
+    rng = np.random.default_rng(3)
+    key = tuple(int(k) for k in rng.integers(0, 2**32, size=2, dtype=np.uint64))
+    x0, x1 = (rng.integers(0, 2**32, size=257, dtype=np.uint64).astype(np.uint32) for _ in range(2))
+    got = jax.jit(augment.threefry2x32)(
+        (jnp.uint32(key[0]), jnp.uint32(key[1])), jnp.asarray(x0), jnp.asarray(x1)
+    )
+    for g, e in zip(got, _threefry2x32_numpy(key, x0, x1)):
+        np.testing.assert_array_equal(np.asarray(g), e)
+
+
 def test_added_noise_equals_a_float64_reference_of_its_definition():
     key = jax.random.key(11)
     shape = (7, 5, 3)  # 105 values: odd, so the last counter's second word is dropped
