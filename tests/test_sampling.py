@@ -111,19 +111,26 @@ def test_augment_batch_loop_equals_the_vmapped_augmentation():
 
 
 def _threefry2x32_numpy(key: tuple[int, int], x0: np.ndarray, x1: np.ndarray) -> tuple:
-    """Threefry-2x32 with 20 rounds (Salmon et al., SC 2011) in numpy uint32 arithmetic."""
-    rotations = (13, 15, 26, 6, 17, 29, 16, 24)
-    ks = [np.uint32(key[0]), np.uint32(key[1])]
-    ks.append(ks[0] ^ ks[1] ^ np.uint32(0x1BD11BDA))
-    x0, x1 = x0.astype(np.uint32) + ks[0], x1.astype(np.uint32) + ks[1]
-    for group in range(5):
-        for r in rotations[4 * (group % 2) : 4 * (group % 2) + 4]:
-            x0 = x0 + x1
-            x1 = (x1 << np.uint32(r)) | (x1 >> np.uint32(32 - r))
-            x1 = x1 ^ x0
-        x0 = x0 + ks[(group + 1) % 3]
-        x1 = x1 + ks[(group + 2) % 3] + np.uint32(group + 1)
-    return x0, x1
+    """Threefry-2x32 with 20 rounds (Salmon et al., SC 2011), round by round as the paper states it:
+    a key injection s before round 0 and after every fourth round, rotation R[round mod 8]."""
+    rotation = (13, 15, 26, 6, 17, 29, 16, 24)
+    schedule = [int(key[0]), int(key[1]), int(key[0]) ^ int(key[1]) ^ 0x1BD11BDA]
+    words = [x0.astype(np.uint64), x1.astype(np.uint64)]
+    mask = np.uint64(0xFFFFFFFF)
+
+    def inject(s: int) -> None:
+        words[0] = (words[0] + np.uint64(schedule[s % 3])) & mask
+        words[1] = (words[1] + np.uint64(schedule[(s + 1) % 3]) + np.uint64(s)) & mask
+
+    inject(0)
+    for rnd in range(20):
+        r = np.uint64(rotation[rnd % 8])
+        words[0] = (words[0] + words[1]) & mask
+        words[1] = ((words[1] << r) | (words[1] >> (np.uint64(32) - r))) & mask
+        words[1] = words[1] ^ words[0]
+        if rnd % 4 == 3:
+            inject(rnd // 4 + 1)
+    return words[0].astype(np.uint32), words[1].astype(np.uint32)
 
 
 def test_threefry_reference_matches_the_published_answers():
