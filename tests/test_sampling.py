@@ -164,9 +164,9 @@ def test_added_noise_equals_a_float64_reference_of_its_definition():
     bits = np.concatenate([first, second])[:n]
     u = (bits >> np.uint32(9)).astype(np.float64) * 2.0**-23
     lowest = float(np.nextafter(np.float32(-1), np.float32(1)))
-    expected = np.sqrt(2.0) * special.erfinv(np.maximum(lowest, 2.0 * u - 1.0))
+    z = np.sqrt(2.0) * special.erfinv(np.maximum(lowest, 2.0 * u - 1.0))
+    expected = np.asarray(image, np.float64).reshape(-1) + 0.25 * z
     assert got.shape == shape and got.dtype == np.float32
-    expected = np.asarray(image, np.float64).reshape(-1) + 0.25 * expected
     np.testing.assert_allclose(got.reshape(-1), expected, rtol=2e-5, atol=2e-6)
 
 

@@ -88,7 +88,7 @@ def augment(
     keys = jax.random.split(rng, 6)
     for axis, key in zip((0, 1), keys[:2]):
         # a select of the reversed and the plain read, which XLA fuses with the brightness shift
-        # and the batch's stacking into one pass (a conditional copied each volume on its own)
+        # (a conditional copied the volume on its own)
         flip = jax.random.uniform(key) < cfg.flip_probability
         image, target, band = (jnp.where(flip, jnp.flip(v, axis), v) for v in (image, target, band))
     if cfg.brightness_shift:
@@ -119,8 +119,8 @@ def augment_batch(
 
     On one device this is a loop over the batch, so that the noise (0.12 s per BraTS volume on the
     2-core CPU) is only computed for the volumes that draw it (under vmap the conditional becomes a
-    select that computes both branches). With several devices it is a vmap, which
-    keeps a batch split over devices where it is. Both give the same values.
+    select that computes both branches). With several devices it is a vmap, which keeps a batch split
+    over devices where it is. Both give the same values.
     """
     keys = jax.random.split(rng, images.shape[0])
     if jax.device_count() > 1:

@@ -6,8 +6,8 @@ k shifted copies of the volume along X as channels turns a k^3 convolution into 
 form's transpose. The kernel gradient is not taken from XLA: it lowers it to one convolution whose
 window spans the whole volume, ~0.7 s for the encoder's first layer on 2 volumes at 13 GFLOP/s. Here
 it is a sum over slabs of a few X-planes of one GEMM each, (k^3 Cin, slab voxels) @ (slab voxels,
-Cout), the channel-major columns of each slab built in cache. Parameters keep nn.Conv's names and shapes, so
-checkpoints of either form load into the other.
+Cout), the channel-major columns of each slab built in cache. Parameters keep nn.Conv's names and
+shapes, so checkpoints of either form load into the other.
 """
 
 from typing import Any
@@ -64,7 +64,7 @@ def conv3d_kernel_grad(x: jax.Array, g: jax.Array, k: int) -> jax.Array:
     g is padded at the high Y and Z ends to the same lattice, with zeros where a lattice voxel is no
     output voxel, and each slab adds columns @ g_slab (a GEMM contracting the slab's voxels). Row copies
     replace the channels-last im2col's Cin-value pieces: encoder block 0's first kernel gradient
-    (2 x 128 x 128 x 80, 4 -> 16) 146 -> 105 ms alone on the 2-core CPU (benchmarks/NOTES.md).
+    (2 x 128 x 128 x 80, 4 -> 16) 146 -> 104 ms alone on the 2-core CPU (benchmarks/NOTES.md).
 
     Args:
       x: (B, X, Y, Z, Cin) input of the convolution.
