@@ -16,9 +16,9 @@
    backward 8,227 -> 8,809 locations/s, the demo's train step 0.292 -> 0.260 s (benchmarks/NOTES.md,
    tenth run; the Zen 4 comparison of the ninth run, update 4.79 -> 3.78 s, was measured while these
    flags let XLA fold away train.remat's recomputation, see models/recompute.after_gradient, and is
-   an upper bound). NaN, Inf, exact division and exact
-   library functions stay honoured, so isfinite, the NaN/Inf guard of the update and exp/log/tanh
-   mean what they did; sums change by float32 rounding only (as on GPUs, whose reductions are trees).
+   an upper bound). NaN, Inf, exact division and exact library functions stay honoured, so isfinite,
+   the NaN/Inf guard of the update and exp/log/tanh mean what they did; sums change by float32
+   rounding only (as on GPUs, whose reductions are trees).
 
 The flags only name XLA:CPU options, so accelerator programs are untouched.
 
