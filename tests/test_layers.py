@@ -102,13 +102,19 @@ def _plain_pau(x, a, b):
 # the coefficient sums keep the leading axes (41,) and (2, 5, 3); (6, 7) and (287,) have too few
 # leading values and are summed as gcd(size, 16) = 2 and 1 rows
 @pytest.mark.parametrize("shape", [(41, 7), (2, 5, 3, 7), (6, 7), (287,)])
-def test_pau_hand_written_gradients_equal_autodiff_of_the_formula(shape):
+@pytest.mark.parametrize("case", ["b1>0", "b1<0", "b1=0", "b2=0"])
+def test_pau_hand_written_gradients_equal_autodiff_of_the_formula(shape, case):
     rng = np.random.default_rng(3)
     values = rng.normal(size=shape) * 2
     values.flat[::5] = 0.0  # zero-padded patches: the sign convention at x = 0
     x = jnp.asarray(values, jnp.float32)
     a = jnp.asarray(rng.normal(size=6), jnp.float32)
-    b = jnp.asarray(rng.normal(size=4) * [1, -1, 1, -1], jnp.float32)
+    b = rng.normal(size=4) * [1, -1, 1, -1]
+    # the sign of b_1 decides dQ/dx at x = 0; b_j = 0 takes s_j = +1, so d/db_j sums -P / Q^2 x^j
+    b[0] = {"b1>0": abs(b[0]), "b1<0": -abs(b[0]), "b1=0": 0.0, "b2=0": b[0]}[case]
+    if case == "b2=0":
+        b[1] = 0.0
+    b = jnp.asarray(b, jnp.float32)
     weight = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
 
     def loss(fn):
@@ -318,3 +324,44 @@ def test_batch_norm_train_gradients_through_the_returned_statistics():
     expected = jax.grad(plain, argnums=(0, 1, 2))(x, scale, bias)
     for g, e in zip(got, expected):
         np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("with_shortcut", [False, True])
+def test_batch_norm_pau_equals_the_plain_formula_with_gradients(with_shortcut):
+    """The fused normalisation + PAU (normalised input recomputed in the backward pass) against
+    autodiff of the plain formula in float64: values, statistics, and the gradients of x, the batch-norm
+    parameters, the PAU coefficients, the shortcut and the returned statistics' cotangents."""
+    rng = np.random.default_rng(8)
+    shape = (2, 5, 4, 3, 4)
+    x = 0.7 + 1.5 * rng.normal(size=shape)
+    x[0, 0, 0, 0] = 0.7  # values whose normalisation is near 0: the PAU's sign convention there
+    scale, bias = rng.normal(size=4), rng.normal(size=4) * 0.3
+    numerator = np.asarray(layers.PAU_INIT_NUMERATOR) + 0.1 * rng.normal(size=6)
+    denominator = np.asarray(layers.PAU_INIT_DENOMINATOR) * [1, -1, 1, 1]
+    shortcut = rng.normal(size=shape) if with_shortcut else None
+    w, u, v = rng.normal(size=shape), rng.normal(size=4), rng.normal(size=4)
+
+    def plain(x, scale, bias, numerator, denominator, shortcut):
+        mean = x.mean(axis=(0, 1, 2, 3))
+        var = x.var(axis=(0, 1, 2, 3))
+        t = (x - mean) / jnp.sqrt(var + layers.BN_EPSILON) * scale + bias
+        t = t if shortcut is None else t + shortcut
+        y = _plain_pau(t, numerator, denominator)
+        return jnp.sum(y * w) + jnp.sum(mean * u) + jnp.sum(var * v)
+
+    def fused(*args):
+        y, mean, var = layers.batch_norm_pau(*args)
+        return jnp.sum(y * w) + jnp.sum(mean * u) + jnp.sum(var * v)
+
+    args = (x, scale, bias, numerator, denominator, shortcut)
+    argnums = (0, 1, 2, 3, 4, 5) if with_shortcut else (0, 1, 2, 3, 4)
+    with jax.enable_x64(True):
+        as64 = [None if a is None else jnp.asarray(a, jnp.float64) for a in args]
+        want_value, want = jax.value_and_grad(plain, argnums)(*as64)
+        want = [np.asarray(g) for g in want]
+    as32 = [None if a is None else jnp.asarray(a, jnp.float32) for a in args]
+    value, got = jax.jit(jax.value_and_grad(fused, argnums))(*as32)
+    np.testing.assert_allclose(float(value), float(want_value), rtol=1e-5)
+    for g, e in zip(got, want):
+        assert g.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(g), e, rtol=1e-4, atol=1e-4 * np.abs(e).max())

@@ -38,8 +38,8 @@ class ConvBNAct(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         x = Conv3D(self.features, self.kernel, use_bias=False, dtype=self.dtype, name="conv")(x)
-        x = BatchNorm(self.dtype, name="bn")(x, train)
-        return make_activation(self.activation)(name="act")(x)
+        act = make_activation(self.activation)(name="act")
+        return BatchNorm(self.dtype, name="bn")(x, train, act)
 
 
 class Encoder(nn.Module):

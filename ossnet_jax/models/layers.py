@@ -5,7 +5,7 @@ Arrays are channels-last everywhere: volumes (B, X, Y, Z, C), location features 
 
 import itertools
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -87,42 +87,64 @@ def _pau_fwd(x, numerator, denominator):
     return pau(x, numerator, denominator), (x, numerator, denominator)
 
 
-def _pau_bwd(residuals, g):
-    """d/dx = (P' - P Q' / Q) / Q; d/da_i = x^i / Q; d/db_j = -P / Q^2 s_j x^j.
+def _pau_input_grad(
+    x: jax.Array, g: jax.Array, numerator: jax.Array, denominator: jax.Array
+) -> tuple[jax.Array, list[jax.Array]]:
+    """The PAU's gradient with respect to its input, and the ten float32 terms whose sums over all
+    values are the coefficient gradients (a_0..a_5, then b_1..b_4); all shaped like x.
 
-    s_j = sign(b_j x^j) with sign(0) = +1, the convention of JAX's derivative of |.|, so this equals
-    autodiff of the formula everywhere, including x = 0 (zero-padded patches) and b_j = 0.
+    d/dx = (P' - P Q' / Q) / Q; d/da_i = x^i / Q; d/db_j = -P / Q^2 s_j x^j, with s_j = sign(b_j x^j)
+    and sign(0) = +1, the convention of JAX's derivative of |.|, so this equals autodiff of the formula
+    everywhere, including x = 0 (zero-padded patches) and b_j = 0. The sign is folded into powers of
+    |x|: s_j x^j = sign(b_j) |x|^j where b_j != 0 (x^j where b_j = 0), and Q' = sign(x) sum_j j |b_j|
+    |x|^(j-1), with sign(0) = sign(b_1), the only term left at x = 0. Written as running products,
+    the terms fuse into one loop over x and g; with the powers shared between the terms, signs and Q',
+    XLA:CPU wrote x^3 and x^4 to memory first (encoder block 0's sums 55 -> 27 ms on the 2-core CPU,
+    benchmarks/NOTES.md).
     """
-    x, numerator, denominator = residuals
     p, q = _pau_terms(x, numerator, denominator)
     dp = 5.0 * numerator[5]
     for i in range(4, 0, -1):
         dp = dp * x + i * numerator[i]
     x32 = x.astype(jnp.float32)
     den32 = denominator.astype(jnp.float32)
-    powers = [x32]  # x^1 .. x^5 in float32
-    for _ in range(4):
-        powers.append(powers[-1] * x32)
-    signs = [jnp.where(den32[j] * powers[j] >= 0, 1.0, -1.0) for j in range(4)]  # s_1 .. s_4
-    dq = den32[0] * signs[0]
-    for j in range(2, 5):
-        dq = dq + signs[j - 1] * den32[j - 1] * j * powers[j - 2]
+    ax = jnp.abs(x32)
+    magnitude = 4.0 * jnp.abs(den32[3])
+    for j in range(2, -1, -1):
+        magnitude = magnitude * ax + (j + 1) * jnp.abs(den32[j])
+    sign_at_zero = jnp.where(den32[0] >= 0, 1.0, -1.0)
+    sign = jnp.where(x32 > 0, 1.0, jnp.where(x32 < 0, -1.0, sign_at_zero))
     inv_q = 1.0 / q
-    dx = g * (dp - p * inv_q * dq.astype(x.dtype)) * inv_q
+    dx = g * (dp - p * inv_q * (sign * magnitude).astype(x.dtype)) * inv_q
     u = (g * inv_q).astype(jnp.float32)
     v = (-g * p * inv_q * inv_q).astype(jnp.float32)
-    terms = [u] + [u * powers[i - 1] for i in range(1, 6)]
-    terms += [v * signs[j - 1] * powers[j - 1] for j in range(1, 5)]
-    keep = _leading_axes(x.shape)
+    terms = [u]
+    for _ in range(5):
+        terms.append(terms[-1] * x32)  # u x^i
+    signed, absolute = v, v
+    for j in range(4):
+        signed, absolute = signed * x32, absolute * ax  # v x^j, v |x|^j
+        b_sign = jnp.where(den32[j] >= 0, 1.0, -1.0)
+        terms.append(jnp.where(den32[j] == 0, signed, b_sign * absolute))
+    return dx, terms
+
+
+def _coefficient_sums(terms: list[jax.Array]) -> jax.Array:
+    """(10,) float32 sums of `_pau_input_grad`'s terms, over rows so that both cores work on them."""
+    keep = _leading_axes(terms[0].shape)
     if keep == 0:
-        rows = math.gcd(x.size, REDUCTION_ROWS)
-        terms = tuple(t.reshape(rows, -1) for t in terms)
+        rows = math.gcd(terms[0].size, REDUCTION_ROWS)
+        terms = [t.reshape(rows, -1) for t in terms]
         keep = 1
     row_sums = _sums_over(tuple(terms), tuple(range(keep, terms[0].ndim)))
-    sums = jnp.stack([r.sum() for r in row_sums])  # (10,)
-    d_num = sums[:6].astype(numerator.dtype)
-    d_den = sums[6:].astype(denominator.dtype)
-    return dx, d_num, d_den
+    return jnp.stack([r.sum() for r in row_sums])
+
+
+def _pau_bwd(residuals, g):
+    x, numerator, denominator = residuals
+    dx, terms = _pau_input_grad(x, g, numerator, denominator)
+    sums = _coefficient_sums(terms)
+    return dx, sums[:6].astype(numerator.dtype), sums[6:].astype(denominator.dtype)
 
 
 pau.defvjp(_pau_fwd, _pau_bwd)
@@ -131,11 +153,20 @@ pau.defvjp(_pau_fwd, _pau_bwd)
 class PAU(nn.Module):
     """Learnable rational activation (Molina et al., ICLR 2020), one set of coefficients per layer."""
 
-    @nn.compact
+    def setup(self):
+        self.numerator = self.param(
+            "numerator", lambda _: jnp.asarray(PAU_INIT_NUMERATOR, jnp.float32)
+        )
+        self.denominator = self.param(
+            "denominator", lambda _: jnp.asarray(PAU_INIT_DENOMINATOR, jnp.float32)
+        )
+
+    def coefficients(self) -> tuple[jax.Array, jax.Array]:
+        """The float32 parameters: numerator (6,) and denominator (4,)."""
+        return self.numerator, self.denominator
+
     def __call__(self, x: jax.Array) -> jax.Array:
-        num = self.param("numerator", lambda _: jnp.asarray(PAU_INIT_NUMERATOR, jnp.float32))
-        den = self.param("denominator", lambda _: jnp.asarray(PAU_INIT_DENOMINATOR, jnp.float32))
-        return pau(x, num.astype(x.dtype), den.astype(x.dtype))
+        return pau(x, self.numerator.astype(x.dtype), self.denominator.astype(x.dtype))
 
 
 class ReLU(nn.Module):
@@ -320,20 +351,38 @@ def _normalise(
     return x * a.astype(x.dtype) + (bias - mean * a).astype(x.dtype)
 
 
-def _batch_norm_fwd(x, scale, bias):
+def _statistics(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-channel batch mean, biased variance max(0, E[x^2] - E[x]^2) and 1 / sqrt(var + eps), (C,)
+    float32 each, from one pass over x (B, X, ..., C)."""
     n = x.size // x.shape[-1]
     total, squares = _channel_sums((x, jnp.square(x.astype(jnp.float32))))
     mean = total / n
     var = jnp.maximum(squares / n - jnp.square(mean), 0.0)
-    inv = jax.lax.rsqrt(var + BN_EPSILON)
+    return mean, var, jax.lax.rsqrt(var + BN_EPSILON)
+
+
+def _batch_norm_fwd(x, scale, bias):
+    mean, var, inv = _statistics(x)
     return (_normalise(x, mean, inv, scale, bias), mean, var), (x, scale, mean, inv)
 
 
-def _batch_norm_bwd(residuals, cotangents):
-    """With x_hat = (x - m) r: d bias = sum g, d scale = sum g x_hat, d x = scale r (g - d bias / n -
-    x_hat d scale / n), plus the cotangents of the returned mean (1/n) and variance (2 (x - m) / n)."""
-    x, scale, mean, inv = residuals
-    g, g_mean, g_var = cotangents
+def _batch_norm_input_grad(
+    x: jax.Array,
+    g: jax.Array,
+    g_mean: jax.Array,
+    g_var: jax.Array,
+    scale: jax.Array,
+    mean: jax.Array,
+    inv: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Gradients of training-mode batch norm with respect to x (x's shape and dtype), scale and bias
+    ((C,) float32), given the gradient g of its output and the cotangents of the returned mean and
+    variance.
+
+    With x_hat = (x - m) r: d bias = sum g, d scale = sum g x_hat, d x = scale r (g - d bias / n -
+    x_hat d scale / n), plus the cotangents of the mean (1/n) and variance (2 (x - m) / n). The two
+    per-channel sums are one pass.
+    """
     n = x.size // x.shape[-1]
     sum_g, sum_gx = _channel_sums((g, g.astype(jnp.float32) * x.astype(jnp.float32)))
     d_bias = sum_g
@@ -344,17 +393,86 @@ def _batch_norm_bwd(residuals, cotangents):
     k0 = -a * d_bias / n - k1 * mean + g_mean / n
     dt = x.dtype
     dx = g.astype(dt) * a.astype(dt) + x * k1.astype(dt) + k0.astype(dt)
+    return dx, d_scale, d_bias
+
+
+def _batch_norm_bwd(residuals, cotangents):
+    x, scale, mean, inv = residuals
+    g, g_mean, g_var = cotangents
+    dx, d_scale, d_bias = _batch_norm_input_grad(x, g, g_mean, g_var, scale, mean, inv)
     return dx, d_scale.astype(scale.dtype), d_bias.astype(scale.dtype)
 
 
 batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
+@jax.custom_vjp
+def batch_norm_pau(
+    x: jax.Array,
+    scale: jax.Array,
+    bias: jax.Array,
+    numerator: jax.Array,
+    denominator: jax.Array,
+    shortcut: Optional[jax.Array],
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """pau(batch_norm_train(x) + shortcut) as one operation whose backward pass keeps only x.
+
+    The normalised x is recomputed in the backward pass (one multiply-add per value) instead of being
+    stored, and the PAU's input gradient is consumed by batch norm's sums and input gradient in the
+    same fused passes, so neither the PAU's input nor its gradient is written to memory.
+
+    Args:
+      x: (B, X, ..., C), any float dtype; statistics in float32.
+      scale, bias: (C,) float32 batch-norm parameters.
+      numerator, denominator: (6,) and (4,) float32 PAU coefficients (cast to x's dtype to compute).
+      shortcut: None, or an array of x's shape added after the normalisation.
+    Returns:
+      (y in x's dtype, batch mean (C,), biased batch variance (C,)), equal to batch_norm_train then
+      `pau` (gradients included).
+    """
+    return _batch_norm_pau_fwd(x, scale, bias, numerator, denominator, shortcut)[0]
+
+
+def _pau_input(x, mean, inv, scale, bias, shortcut):
+    t = _normalise(x, mean, inv, scale, bias)
+    return t if shortcut is None else t + shortcut.astype(t.dtype)
+
+
+def _batch_norm_pau_fwd(x, scale, bias, numerator, denominator, shortcut):
+    mean, var, inv = _statistics(x)
+    t = _pau_input(x, mean, inv, scale, bias, shortcut)
+    p, q = _pau_terms(t, numerator.astype(x.dtype), denominator.astype(x.dtype))
+    residuals = (x, scale, bias, mean, inv, numerator, denominator, shortcut)
+    return (p / q, mean, var), residuals
+
+
+def _batch_norm_pau_bwd(residuals, cotangents):
+    x, scale, bias, mean, inv, numerator, denominator, shortcut = residuals
+    g, g_mean, g_var = cotangents
+    t = _pau_input(x, mean, inv, scale, bias, shortcut)
+    dt, terms = _pau_input_grad(t, g, numerator.astype(x.dtype), denominator.astype(x.dtype))
+    sums = _coefficient_sums(terms)
+    dx, d_scale, d_bias = _batch_norm_input_grad(x, dt, g_mean, g_var, scale, mean, inv)
+    d_shortcut = None if shortcut is None else dt.astype(shortcut.dtype)
+    return (
+        dx,
+        d_scale.astype(scale.dtype),
+        d_bias.astype(bias.dtype),
+        sums[:6].astype(numerator.dtype),
+        sums[6:].astype(denominator.dtype),
+        d_shortcut,
+    )
+
+
+batch_norm_pau.defvjp(_batch_norm_pau_fwd, _batch_norm_pau_bwd)
+
+
 class BatchNorm(nn.Module):
     """nn.BatchNorm(momentum=BN_MOMENTUM, epsilon=BN_EPSILON) over all axes but the last, with its
     variables ('scale', 'bias'; batch_stats 'mean', 'var'), so checkpoints are interchangeable.
 
-    Training uses `batch_norm_train` (one pass for the statistics, one for the gradient's sums).
+    Training uses `batch_norm_train` (one pass for the statistics, one for the gradient's sums), or
+    `batch_norm_pau` when a PAU follows.
 
     Attributes:
       dtype: dtype of the output (statistics and parameters float32).
@@ -363,26 +481,45 @@ class BatchNorm(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        """x: (B, X, ..., C). Returns the normalised x, same shape, in `dtype`."""
+    def __call__(
+        self,
+        x: jax.Array,
+        train: bool,
+        activation: Optional[nn.Module] = None,
+        shortcut: Optional[jax.Array] = None,
+    ) -> jax.Array:
+        """x: (B, X, ..., C). Returns activation(normalised x + shortcut), same shape, in `dtype`.
+
+        activation (a module of the caller, e.g. PAU or ReLU) and shortcut (x's shape) are optional.
+        A PAU in training runs fused with the normalisation (`batch_norm_pau`), which stores only x
+        for the backward pass; its parameters stay the PAU module's.
+        """
         c = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (c,))
         bias = self.param("bias", nn.initializers.zeros, (c,))
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
         x = x.astype(self.dtype)
-        if not train:
-            inv = jax.lax.rsqrt(ra_var.value + BN_EPSILON)
-            return _normalise(x, ra_mean.value, inv, scale, bias)
-        y, mean, var = batch_norm_train(x, scale, bias)
-        if not self.is_initializing():
+        shortcut = None if shortcut is None else shortcut.astype(self.dtype)
+        if train and isinstance(activation, PAU):
+            y, mean, var = batch_norm_pau(x, scale, bias, *activation.coefficients(), shortcut)
+        else:
+            if train:
+                y, mean, var = batch_norm_train(x, scale, bias)
+            else:
+                inv = jax.lax.rsqrt(ra_var.value + BN_EPSILON)
+                y = _normalise(x, ra_mean.value, inv, scale, bias)
+            y = y if shortcut is None else y + shortcut
+            y = y if activation is None else activation(y)
+        if train and not self.is_initializing():
             ra_mean.value = BN_MOMENTUM * ra_mean.value + (1 - BN_MOMENTUM) * mean
             ra_var.value = BN_MOMENTUM * ra_var.value + (1 - BN_MOMENTUM) * var
         return y
 
 
 class ResidualBlock3D(nn.Module):
-    """conv3^3 -> BN -> act -> avgpool2 -> dropout -> conv3^3 -> BN, plus a pooled (1^3 conv) shortcut.
+    """conv3^3 -> BN -> act -> avgpool2 -> dropout -> conv3^3 -> BN, plus a pooled (1^3 conv) shortcut,
+    -> act. In training a PAU runs fused with the BN before it (`batch_norm_pau`).
 
     Halves every spatial axis: (B, X, Y, Z, Cin) -> (B, X/2, Y/2, Z/2, features), computed in `dtype`
     (BatchNorm statistics in float32).
@@ -396,22 +533,24 @@ class ResidualBlock3D(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         act = make_activation(self.activation)
-        norm = lambda name, h: BatchNorm(self.dtype, name=name)(h, train)
+
+        def norm_act(name: str, h: jax.Array, act_name: str, shortcut=None) -> jax.Array:
+            return BatchNorm(self.dtype, name=name)(h, train, act(name=act_name), shortcut)
+
         h = Conv3D(self.features, 3, use_bias=False, dtype=self.dtype, name="conv1")(x)
-        h = act(name="act1")(norm("bn1", h))
+        h = norm_act("bn1", h, "act1")
         # training: slices forward, broadcast backward (avg_pool2); evaluation: XLA's reduce-window,
         # which pools the activation without a temporary (LiTS encoder pass 2,066 -> 1,810 MiB)
         pool = avg_pool2 if train else lambda v: nn.avg_pool(v, (2, 2, 2), strides=(2, 2, 2))
         h = pool(h)
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         h = Conv3D(self.features, 3, use_bias=False, dtype=self.dtype, name="conv2")(h)
-        h = norm("bn2", h)
         # pooling and the 1^3 convolution commute; pooling the narrower input first moves 4x less data
         # at the first block (measured: update step of OSS-Net C -0.4 s, benchmarks/NOTES.md)
         shortcut = pool(x)
         if x.shape[-1] != self.features:
             shortcut = Conv3D(self.features, 1, dtype=self.dtype, name="shortcut")(shortcut)
-        return act(name="act2")(h + shortcut)
+        return norm_act("bn2", h, "act2", shortcut)
 
 
 def spatial_shape_after(
