@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ossnet_jax.models.decoder import Decoder, DecoderBlock, SplitDense
-from ossnet_jax.models.oss_net import OSSNet
+from ossnet_jax.models.oss_net import OSSNet, remat_mode
 from ossnet_jax.models.recompute import after_gradient
 
 
@@ -133,11 +133,13 @@ def test_recomputed_blocks_give_the_same_values_gradients_and_statistics(num_lat
     assert float(jnp.max(jnp.abs(got[0]["block1"]["dense1"]["kernel"]))) > 0  # not vacuous
 
 
-def test_recomputed_patch_encoder_and_blocks_give_the_same_decoder_gradients():
-    """OSSNet(remat=True) also recomputes the patch encoder: logits and parameter gradients unchanged."""
+@pytest.mark.parametrize("mode", ["decoder", "all"])
+def test_recomputed_patch_encoder_and_blocks_give_the_same_decoder_gradients(mode):
+    """OSSNet(remat='decoder') recomputes the decoder blocks, 'all' the patch encoder too: logits and
+    parameter gradients unchanged."""
     rng = np.random.default_rng(5)
     kwargs = dict(grid_shape=(8, 8, 8), encoder_channels=(4,), decoder_width=16, decoder_blocks=2)
-    plain, recomputed = OSSNet(patch_size=3, **kwargs), OSSNet(patch_size=3, remat=True, **kwargs)
+    plain, recomputed = OSSNet(patch_size=3, **kwargs), OSSNet(patch_size=3, remat=mode, **kwargs)
     locations = jnp.asarray(rng.integers(0, 8, size=(2, 30, 3)), jnp.int32)
     patches = jnp.asarray(rng.normal(size=(2, 30, 3, 3, 3, 2)), jnp.float32)
     latents = jnp.asarray(rng.normal(size=(2, 3, 6)), jnp.float32)
@@ -221,3 +223,49 @@ def test_weight_gradients_need_no_transposed_copy_of_the_output_gradients():
     hlo = jax.jit(jax.grad(loss)).lower(variables["params"]).compile().as_text()
     assert "f32[2,64,32]" in hlo  # the location features are in the program
     assert "f32[32,128]" not in hlo  # (width, 2 x 64 rows): a transposed gradient
+
+
+def test_remat_mode_reads_modes_and_the_old_booleans():
+    assert [remat_mode(v) for v in ("none", "decoder", "all", True, False)] == [
+        "none",
+        "decoder",
+        "all",
+        "all",
+        "none",
+    ]
+    with pytest.raises(ValueError, match="train.remat must be one of"):
+        remat_mode("patches")
+
+
+def test_remat_modes_order_the_compiled_memory_of_a_decode_gradient():
+    """XLA's memory analysis of OSSNet.decode's gradient: 'decoder' stores less than 'none' (the
+    blocks' activations), 'all' less again (the patch encoder's activations)."""
+    kwargs = dict(
+        grid_shape=(16, 16, 16), encoder_channels=(4,), decoder_width=64, decoder_blocks=3
+    )
+    locations = jnp.zeros((1, 2048, 3), jnp.int32)
+    patches, latents = jnp.zeros((1, 2048, 5, 5, 5, 1)), jnp.zeros((1, 4, 8))
+
+    def temporaries(mode):
+        model = OSSNet(patch_size=5, remat=mode, **kwargs)
+        variables = model.init(
+            jax.random.key(0), locations, patches, latents, False, method=OSSNet.decode
+        )
+
+        def loss(params):
+            logits, _ = model.apply(
+                {"params": params, "batch_stats": variables["batch_stats"]},
+                locations,
+                patches,
+                latents,
+                True,
+                method=OSSNet.decode,
+                mutable=["batch_stats"],
+            )
+            return jnp.sum(jnp.sin(logits))
+
+        compiled = jax.jit(jax.grad(loss)).lower(variables["params"]).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    none, decoder, everything = (temporaries(m) for m in ("none", "decoder", "all"))
+    assert everything < decoder < none, (everything, decoder, none)

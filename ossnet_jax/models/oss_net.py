@@ -54,8 +54,9 @@ class OSSNet(nn.Module):
     num_outputs: int = 1
     seg_channels: int = 1
     dtype: Any = jnp.float32
-    # train.remat: the patch encoder and the decoder blocks store only their inputs for the backward pass
-    remat: bool = False
+    # train.remat: which parts store only their inputs for the backward pass and run again there:
+    # 'decoder' (its blocks), 'all' (the patch encoder too) or 'none'; see `remat_mode`
+    remat: str = "none"
 
     def setup(self):
         self.encoder_net = Encoder(
@@ -79,7 +80,7 @@ class OSSNet(nn.Module):
             self.activation,
             self.dropout,
             self.dtype,
-            self.remat,
+            self.remat in ("decoder", "all"),
         )
 
     def encode(self, volume_low: jax.Array, train: bool) -> tuple[jax.Array, Optional[jax.Array]]:
@@ -91,7 +92,7 @@ class OSSNet(nn.Module):
     ) -> jax.Array:
         """Logits (B, N[, O]) for locations (B, N, 3), patches (B, N, S, S, S, Cp), latents (B, K, L)."""
         features = None
-        if self.patches and self.remat and train and not self.is_initializing():
+        if self.patches and self.remat == "all" and train and not self.is_initializing():
             features = recomputed(self.patch_net, _train_call, patches)
         elif self.patches:
             features = self.patch_net(patches, train)
@@ -153,8 +154,21 @@ def build_model(config: ml_collections.ConfigDict, dtype: Optional[str] = None) 
         fourier_scale=m.fourier_scale,
         location_encoding=m.location_encoding,
         dtype=compute_dtype(config.train.get("dtype", "float32") if dtype is None else dtype),
-        remat=config.train.get("remat", False),
+        remat=remat_mode(config.train.get("remat", "none")),
     )
+
+
+REMAT_MODES = ("none", "decoder", "all")
+
+
+def remat_mode(value: Any) -> str:
+    """train.remat as one of REMAT_MODES; True and False (configs before the modes) read as 'all' and
+    'none'. ValueError for anything else."""
+    if isinstance(value, bool):
+        return "all" if value else "none"
+    if value not in REMAT_MODES:
+        raise ValueError(f"train.remat must be one of {REMAT_MODES} (or a bool), got {value!r}")
+    return value
 
 
 def downscale(volume: jax.Array, factor: int, train: bool = False) -> jax.Array:
