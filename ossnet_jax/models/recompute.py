@@ -38,7 +38,9 @@ def recomputed(
 
     def backward(residuals, g):
         variables, x, rest = residuals
-        x = after_gradient(x, g)
+        # the parameters, not x, carry the dependency: every layer starts from a parameter, and the
+        # sum with a large x was a full copy of it (the patches, 86 MiB at 2^14 locations)
+        params = jax.tree.map(lambda p: after_gradient(p, g), variables["params"])
         others = {k: v for k, v in variables.items() if k != "params"}
         clone = module.clone(parent=None)
 
@@ -52,7 +54,7 @@ def recomputed(
             )
             return y
 
-        _, vjp = jax.vjp(pure, variables["params"], x, *rest)
+        _, vjp = jax.vjp(pure, params, x, *rest)
         d_params, dx, *d_rest = vjp(g)
         return ({"params": d_params}, dx, *d_rest)
 
