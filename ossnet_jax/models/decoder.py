@@ -36,8 +36,7 @@ class SplitDense(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    """Linear -> CBN -> act -> dropout -> Linear -> CBN, plus a Linear shortcut if the width changes,
-    -> act. A PAU runs fused with the CBN before it (`layers.scale_shift_pau`).
+    """Linear -> CBN -> act -> dropout -> Linear -> CBN, plus a Linear shortcut if the width changes.
 
     With a context (latent 0 of the first block) the input is [x | context] at every location; its
     first Linear and shortcut are SplitDense (same parameters as a Dense of the concatenation).
@@ -60,17 +59,16 @@ class DecoderBlock(nn.Module):
                 return SplitDense(self.width, self.dtype, name=name)(h, context)
             return over_rows(nn.Dense(self.width, dtype=self.dtype, name=name), h)
 
-        def cbn_act(name: str, h: jax.Array, act_name: str, shortcut=None) -> jax.Array:
-            norm = ConditionalBatchNorm(self.width, self.dtype, name=name)
-            return norm(h, latent, train, act(name=act_name), shortcut)
-
+        cbn = lambda name, h: ConditionalBatchNorm(self.width, self.dtype, name=name)(
+            h, latent, train
+        )
         has_context = context is not None
-        h = cbn_act("cbn1", dense("dense1", x, has_context), "act1")
+        h = act(name="act1")(cbn("cbn1", dense("dense1", x, has_context)))
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        h = dense("dense2", h, False)
+        h = cbn("cbn2", dense("dense2", h, False))
         width_in = x.shape[-1] + (context.shape[-1] if has_context else 0)
         shortcut = x if width_in == self.width else dense("shortcut", x, has_context)
-        return cbn_act("cbn2", h, "act2", shortcut)
+        return act(name="act2")(h + shortcut)
 
 
 def _train_call(block: DecoderBlock, x: jax.Array, latent: jax.Array, context: Any) -> jax.Array:

@@ -215,19 +215,8 @@ class ConditionalBatchNorm(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(
-        self,
-        x: jax.Array,
-        latent: jax.Array,
-        train: bool,
-        activation: Optional[nn.Module] = None,
-        shortcut: Optional[jax.Array] = None,
-    ) -> jax.Array:
-        """x: (B, N, F) location features; latent: (B, L) per-volume condition; activation (a module of
-        the caller) and shortcut (B, N, F) optional. Returns activation(CBN(x) + shortcut), (B, N, F).
-
-        A PAU runs fused with the scale and shift (`scale_shift_pau`), which stores only x for the
-        backward pass; its parameters stay the PAU module's."""
+    def __call__(self, x: jax.Array, latent: jax.Array, train: bool) -> jax.Array:
+        """x: (B, N, F) location features; latent: (B, L) per-volume condition. Returns (B, N, F)."""
         mean_var = self.variable("batch_stats", "mean", lambda: jnp.zeros((), jnp.float32))
         var_var = self.variable("batch_stats", "var", lambda: jnp.ones((), jnp.float32))
         if train:
@@ -255,13 +244,7 @@ class ConditionalBatchNorm(nn.Module):
         # one multiply-add per value: x * (scale gamma) + (beta - mean scale gamma)
         a = scale * gamma
         c = beta - mean * a
-        x, a, c = x.astype(self.dtype), a.astype(self.dtype), c.astype(self.dtype)
-        shortcut = None if shortcut is None else shortcut.astype(self.dtype)
-        if isinstance(activation, PAU):
-            return scale_shift_pau(x, a, c, *activation.coefficients(), shortcut)
-        y = scale_shift(x, a, c)
-        y = y if shortcut is None else y + shortcut
-        return y if activation is None else activation(y)
+        return scale_shift(x.astype(self.dtype), a.astype(self.dtype), c.astype(self.dtype))
 
 
 @jax.custom_vjp
@@ -280,64 +263,12 @@ def _scale_shift_fwd(x, a, c):
 
 def _scale_shift_bwd(residuals, g):
     x, a = residuals
-    return g * a[:, None, :], _volume_sums(g * x).astype(a.dtype), _volume_sums(g).astype(a.dtype)
+    ones = jnp.ones(g.shape[:2], g.dtype)
+    column_sums = lambda v: jnp.einsum("bn,bnf->bf", ones, v, preferred_element_type=jnp.float32)
+    return g * a[:, None, :], column_sums(g * x).astype(a.dtype), column_sums(g).astype(a.dtype)
 
 
 scale_shift.defvjp(_scale_shift_fwd, _scale_shift_bwd)
-
-
-def _volume_sums(v: jax.Array) -> jax.Array:
-    """(B, F) float32 sums over the N locations of (B, N, F), as a product with ones (a GEMV)."""
-    ones = jnp.ones(v.shape[:2], v.dtype)
-    return jnp.einsum("bn,bnf->bf", ones, v, preferred_element_type=jnp.float32)
-
-
-@jax.custom_vjp
-def scale_shift_pau(
-    x: jax.Array,
-    a: jax.Array,
-    c: jax.Array,
-    numerator: jax.Array,
-    denominator: jax.Array,
-    shortcut: Optional[jax.Array],
-) -> jax.Array:
-    """pau(x * a + c + shortcut) per volume: x (B, N, F), a and c (B, F), shortcut None or (B, N, F);
-    numerator (6,) and denominator (4,) float32, cast to x's dtype. Returns (B, N, F) in x's dtype.
-
-    Equal to `scale_shift`, the addition and `pau` (gradients included), but the backward pass keeps
-    only x and recomputes the PAU's input, so a decoder block's gradient holds one (B, N, F) array
-    less per conditional batch norm; the per-volume sums are GEMVs as in `scale_shift`.
-    """
-    return _scale_shift_pau_fwd(x, a, c, numerator, denominator, shortcut)[0]
-
-
-def _shifted(x, a, c, shortcut):
-    t = x * a[:, None, :] + c[:, None, :]
-    return t if shortcut is None else t + shortcut
-
-
-def _scale_shift_pau_fwd(x, a, c, numerator, denominator, shortcut):
-    t = _shifted(x, a, c, shortcut)
-    p, q = _pau_terms(t, numerator.astype(x.dtype), denominator.astype(x.dtype))
-    return p / q, (x, a, c, numerator, denominator, shortcut)
-
-
-def _scale_shift_pau_bwd(residuals, g):
-    x, a, c, numerator, denominator, shortcut = residuals
-    t = _shifted(x, a, c, shortcut)
-    dt, terms = _pau_input_grad(t, g, numerator.astype(x.dtype), denominator.astype(x.dtype))
-    sums = _coefficient_sums(terms)
-    return (
-        dt * a[:, None, :],
-        _volume_sums(dt * x).astype(a.dtype),
-        _volume_sums(dt).astype(c.dtype),
-        sums[:6].astype(numerator.dtype),
-        sums[6:].astype(denominator.dtype),
-        None if shortcut is None else dt,
-    )
-
-
-scale_shift_pau.defvjp(_scale_shift_pau_fwd, _scale_shift_pau_bwd)
 
 
 def mean_pool(x: jax.Array, factor: int) -> jax.Array:
