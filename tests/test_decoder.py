@@ -133,6 +133,24 @@ def test_recomputed_blocks_give_the_same_values_gradients_and_statistics(num_lat
     assert float(jnp.max(jnp.abs(got[0]["block1"]["dense1"]["kernel"]))) > 0  # not vacuous
 
 
+def _decode_loss(model, batch_stats, locations, patches, latents):
+    """params -> (sum of sin(3 logits) of OSSNet.decode in training, the logits)."""
+
+    def loss(params):
+        logits, _ = model.apply(
+            {"params": params, "batch_stats": batch_stats},
+            locations,
+            patches,
+            latents,
+            True,
+            method=OSSNet.decode,
+            mutable=["batch_stats"],
+        )
+        return jnp.sum(jnp.sin(3 * logits)), logits
+
+    return loss
+
+
 @pytest.mark.parametrize("mode", ["decoder", "all"])
 def test_recomputed_patch_encoder_and_blocks_give_the_same_decoder_gradients(mode):
     """OSSNet(remat='decoder') recomputes the decoder blocks, 'all' the patch encoder too: logits and
@@ -149,18 +167,7 @@ def test_recomputed_patch_encoder_and_blocks_give_the_same_decoder_gradients(mod
     params = _random_like(variables["params"], 6)
 
     def grads(model):
-        def loss(params):
-            logits, _ = model.apply(
-                {"params": params, "batch_stats": variables["batch_stats"]},
-                locations,
-                patches,
-                latents,
-                True,
-                method=OSSNet.decode,
-                mutable=["batch_stats"],
-            )
-            return jnp.sum(jnp.sin(3 * logits)), logits
-
+        loss = _decode_loss(model, variables["batch_stats"], locations, patches, latents)
         return jax.jit(jax.grad(loss, has_aux=True))(params)
 
     (expected, logits), (got, logits_r) = grads(plain), grads(recomputed)
@@ -252,19 +259,8 @@ def test_remat_modes_order_the_compiled_memory_of_a_decode_gradient():
             jax.random.key(0), locations, patches, latents, False, method=OSSNet.decode
         )
 
-        def loss(params):
-            logits, _ = model.apply(
-                {"params": params, "batch_stats": variables["batch_stats"]},
-                locations,
-                patches,
-                latents,
-                True,
-                method=OSSNet.decode,
-                mutable=["batch_stats"],
-            )
-            return jnp.sum(jnp.sin(logits))
-
-        compiled = jax.jit(jax.grad(loss)).lower(variables["params"]).compile()
+        loss = _decode_loss(model, variables["batch_stats"], locations, patches, latents)
+        compiled = jax.jit(jax.grad(loss, has_aux=True)).lower(variables["params"]).compile()
         return compiled.memory_analysis().temp_size_in_bytes
 
     none, decoder, everything = (temporaries(m) for m in ("none", "decoder", "all"))
