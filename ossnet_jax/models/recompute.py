@@ -24,8 +24,8 @@ def recomputed(
 ) -> jax.Array:
     """call(module, x, *rest) in training, storing only its inputs and variables for the backward pass.
 
-    The backward rule runs call again and differentiates that. Its input x is first made to depend on
-    the incoming gradient (`after_gradient`), so XLA cannot schedule the recomputation before the
+    The backward rule runs call again and differentiates that. Its parameters are first made to depend
+    on the incoming gradient (`after_gradient`), so XLA cannot schedule the recomputation before the
     gradient exists: XLA:CPU drops optimization barriers, and with jax.checkpoint / nn.remat it
     recomputed every block right after the forward pass (benchmarks/NOTES.md). Collections other than
     'params' (batch-norm statistics) are updated by the forward pass only. Returns call's (B, N, F)
