@@ -365,3 +365,36 @@ def test_batch_norm_pau_equals_the_plain_formula_with_gradients(with_shortcut):
     for g, e in zip(got, want):
         assert g.dtype == jnp.float32
         np.testing.assert_allclose(np.asarray(g), e, rtol=1e-4, atol=1e-4 * np.abs(e).max())
+
+
+def test_backward_values_wait_for_the_gradient(monkeypatch):
+    """XLA's memory analysis of an encoder's compiled gradient: with the backward rules' residuals tied
+    to the incoming gradient (PAU, BN + PAU, the convolution's kernel gradient), nothing of the
+    backward pass is computed during the forward pass and kept until it is needed. Untied, 1 / Q of
+    the PAUs and the kernel gradients' transposed inputs were (OSS-Net C update step 957 -> 782 MiB
+    with both; here 10.3 against 12.5 MiB of temporaries)."""
+    from ossnet_jax.models.encoder import Encoder
+
+    x = jnp.zeros((1, 32, 32, 32, 4))
+    model = Encoder(channels=(16,), num_latents=3)
+    variables = model.init(jax.random.key(0), x, False)
+
+    def loss(params):
+        outputs, _ = model.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            x,
+            True,
+            mutable=["batch_stats"],
+        )
+        return sum(jnp.sum(jnp.sin(o)) for o in jax.tree.leaves(outputs))
+
+    def temporaries():
+        compiled = jax.jit(jax.grad(loss)).lower(variables["params"]).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    tied = temporaries()
+    untie = lambda value, gradient: value
+    monkeypatch.setattr(layers, "after_gradient", untie)
+    monkeypatch.setattr(conv, "after_gradient", untie)
+    untied = temporaries()
+    assert tied < 0.9 * untied, (tied, untied)

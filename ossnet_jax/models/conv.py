@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ossnet_jax.models.recompute import after_gradient
+
 # Bytes of one slab's im2col columns. 16 MiB gives the encoder's slab layers 2 X-planes per slab (8 MiB:
 # 1): on the Zen 5 machine block 0's first kernel gradient alone 253 -> 207 ms (medians of 3), the
 # update step 2.20 -> 2.10 s (medians of 6 alternating processes; benchmarks/NOTES.md, tenth run).
@@ -131,7 +133,9 @@ def _conv3d_fwd(x, kernel):
 
 
 def _conv3d_bwd(residuals, g):
-    x, kernel = residuals
+    # tied to g, the kernel gradient's padded and transposed copy of x is made in the backward pass;
+    # untied, XLA:CPU made it in the forward pass and kept it (block 0's first layer: 21 MiB)
+    x, kernel = (after_gradient(a, g) for a in residuals)
     _, transpose = jax.vjp(lambda v: _conv3d_folded(v, kernel), x)
     (dx,) = transpose(g)
     return dx, conv3d_kernel_grad(x, g, kernel.shape[0]).astype(kernel.dtype)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from ossnet_jax.models.conv import Conv3D
+from ossnet_jax.models.recompute import after_gradient
 
 # Least-squares fit of P(x) / (1 + |b1 x| + ... + |b4 x^4|) to leaky ReLU (slope 0.01) on [-3, 3];
 # maximum error 0.03, RMS error 0.005 (see tests/test_layers.py).
@@ -140,8 +141,21 @@ def _coefficient_sums(terms: list[jax.Array]) -> jax.Array:
     return jnp.stack([r.sum() for r in row_sums])
 
 
+def _after_gradient(g: jax.Array, *small: jax.Array) -> tuple[jax.Array, ...]:
+    """A backward rule's residuals, tied to its incoming gradient g (`after_gradient`).
+
+    Every large value of the backward pass is then computable only once g exists. Untied, XLA:CPU
+    computed the PAU's 1 / Q during the forward pass and kept it until the backward (five encoder
+    layers, 120 MiB at OSS-Net C's update-step peak). Tying the coefficients alone was worse: the
+    backward's powers of x were then shared with the forward's and kept (3D U-Net train step
+    3,787 -> 4,766 MiB), so `pau` ties x as well (-> 2,961 MiB; benchmarks/NOTES.md).
+    """
+    return tuple(after_gradient(a, g) for a in small)
+
+
 def _pau_bwd(residuals, g):
     x, numerator, denominator = residuals
+    x, numerator, denominator = _after_gradient(g, x, numerator, denominator)
     dx, terms = _pau_input_grad(x, g, numerator, denominator)
     sums = _coefficient_sums(terms)
     return dx, sums[:6].astype(numerator.dtype), sums[6:].astype(denominator.dtype)
@@ -276,8 +290,7 @@ def mean_pool(x: jax.Array, factor: int) -> jax.Array:
 
     Equal to nn.avg_pool(x, (f, f, f), strides=(f, f, f)) up to float rounding, as a sum of the f^3
     strided slices, which XLA:CPU fuses into one pass: 2 x 256 x 256 x 160 x 4 values in 16 ms against
-    52 ms for its reduce-window (benchmarks/NOTES.md). Programs that only run forward can need more
-    memory with it (a temporary the reduce-window does not have), so the encoder uses it in training.
+    52 ms for its reduce-window (benchmarks/NOTES.md). Used on the input volume (prepare_inputs).
     """
     if any(n % factor for n in x.shape[1:4]):
         raise ValueError(f"cannot mean-pool spatial shape {x.shape[1:4]} by {factor}")
@@ -292,13 +305,20 @@ def mean_pool(x: jax.Array, factor: int) -> jax.Array:
 def avg_pool2(x: jax.Array) -> jax.Array:
     """Average pooling by 2 along every spatial axis of (B, X, Y, Z, C); X, Y, Z must be even.
 
-    The backward pass spreads each gradient over its 2^3 cell as a broadcast, which XLA:CPU fuses into
-    the consumer; the transpose of the pooling window it derives itself took 253 ms at the encoder's
-    first block (2 x 128 x 128 x 80 x 16) in the OSS-Net C update step (benchmarks/NOTES.md).
+    The forward pass is a sum over the cell axes of a reshape: after encoder block 0's BN + PAU on
+    2 x 128 x 128 x 80 x 16 it runs in 32 ms against 53 ms for `mean_pool`'s strided slices, and as a
+    reduction XLA:CPU does not fuse it into the pooled value's consumers, so the kernel gradient of the
+    next convolution reads the pooled array instead of keeping the 8x larger PAU output (OSS-Net C
+    update step 851 -> 782 MiB; benchmarks/NOTES.md). The backward pass spreads each gradient over
+    its 2^3 cell as a broadcast, which XLA:CPU fuses into the consumer; the transpose of the pooling
+    window it derives itself took 253 ms at the encoder's first block (2 x 128 x 128 x 80 x 16) in the
+    OSS-Net C update step (benchmarks/NOTES.md).
     """
     if any(n % 2 for n in x.shape[1:4]):
         raise ValueError(f"avg_pool2 needs even spatial sizes, got {x.shape[1:4]}")
-    return mean_pool(x, 2)
+    b, nx, ny, nz, c = x.shape
+    cells = x.reshape(b, nx // 2, 2, ny // 2, 2, nz // 2, 2, c)
+    return cells.sum((2, 4, 6)) * jnp.asarray(0.125, x.dtype)
 
 
 def _avg_pool2_fwd(x):
@@ -449,6 +469,9 @@ def _batch_norm_pau_fwd(x, scale, bias, numerator, denominator, shortcut):
 def _batch_norm_pau_bwd(residuals, cotangents):
     x, scale, bias, mean, inv, numerator, denominator, shortcut = residuals
     g, g_mean, g_var = cotangents
+    scale, bias, mean, inv, numerator, denominator = _after_gradient(
+        g, scale, bias, mean, inv, numerator, denominator
+    )
     t = _pau_input(x, mean, inv, scale, bias, shortcut)
     dt, terms = _pau_input_grad(t, g, numerator.astype(x.dtype), denominator.astype(x.dtype))
     sums = _coefficient_sums(terms)
