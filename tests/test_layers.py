@@ -229,6 +229,36 @@ def test_scale_shift_gradients_equal_float64_sums():
     np.testing.assert_allclose(np.asarray(dc), g.sum(1), rtol=1e-5, atol=1e-5)
 
 
+def test_conditional_batch_norm_train_equals_the_plain_formula_with_gradients():
+    """The one-pass backward of training-mode CBN against autodiff of the plain formula in float64:
+    values, statistics, and the gradients of x, gamma, beta and the returned statistics' cotangents."""
+    rng = np.random.default_rng(9)
+    x = 0.4 + 1.3 * rng.normal(size=(2, 6, 5))
+    gamma, beta = 1.0 + 0.5 * rng.normal(size=(2, 5)), rng.normal(size=(2, 5))
+    w, u, v = rng.normal(size=x.shape), rng.normal(), rng.normal()
+
+    def plain(x, gamma, beta):
+        mean, var = x.mean(), x.var()
+        y = (x - mean) / jnp.sqrt(var + layers.BN_EPSILON) * gamma[:, None] + beta[:, None]
+        return jnp.sum(y * w) + mean * u + var * v
+
+    def ours(x, gamma, beta):
+        y, mean, var = layers.conditional_batch_norm_train(x, gamma, beta)
+        return jnp.sum(y * w) + mean * u + var * v
+
+    with jax.enable_x64(True):
+        want_value, want = jax.value_and_grad(plain, (0, 1, 2))(
+            *(jnp.asarray(a, jnp.float64) for a in (x, gamma, beta))
+        )
+        want = [np.asarray(g) for g in want]
+    f32 = [jnp.asarray(a, jnp.float32) for a in (x, gamma, beta)]
+    value, got = jax.jit(jax.value_and_grad(ours, (0, 1, 2)))(*f32)
+    np.testing.assert_allclose(float(value), float(want_value), rtol=1e-5)
+    for g, e in zip(got, want):
+        assert g.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(g), e, rtol=1e-4, atol=1e-4 * np.abs(e).max())
+
+
 def test_avg_pool2_values_and_gradient_equal_float64_cells():
     """Pooling averages each 2^3 cell; its gradient gives every voxel of a cell 1/8 of the cell's."""
     rng = np.random.default_rng(5)
