@@ -397,6 +397,79 @@ def test_batch_norm_pau_equals_the_plain_formula_with_gradients(with_shortcut):
         np.testing.assert_allclose(np.asarray(g), e, rtol=1e-4, atol=1e-4 * np.abs(e).max())
 
 
+def test_conv_batch_norm_pau_equals_the_plain_formula_with_gradients():
+    """The convolution + BN + PAU that runs its convolution again in the backward pass against
+    autodiff of the plain formula in float64 (XLA's convolution): values, statistics, and the
+    gradients of x, the kernel, the batch-norm parameters, the PAU coefficients and the returned
+    statistics' cotangents."""
+    rng = np.random.default_rng(10)
+    x = rng.normal(size=(2, 6, 4, 4, 3))
+    kernel = 0.3 * rng.normal(size=(3, 3, 3, 3, 4))
+    scale, bias = 1.0 + 0.3 * rng.normal(size=4), 0.3 * rng.normal(size=4)
+    numerator = np.asarray(layers.PAU_INIT_NUMERATOR) + 0.1 * rng.normal(size=6)
+    denominator = np.asarray(layers.PAU_INIT_DENOMINATOR) * [1, -1, 1, 1]
+    w, u, v = rng.normal(size=x.shape[:4] + (4,)), rng.normal(size=4), rng.normal(size=4)
+
+    def plain(x, kernel, scale, bias, numerator, denominator):
+        h = jax.lax.conv_general_dilated(
+            x, kernel, (1, 1, 1), "SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC")
+        )
+        mean, var = h.mean(axis=(0, 1, 2, 3)), h.var(axis=(0, 1, 2, 3))
+        t = (h - mean) / jnp.sqrt(var + layers.BN_EPSILON) * scale + bias
+        y = _plain_pau(t, numerator, denominator)
+        return jnp.sum(y * w) + jnp.sum(mean * u) + jnp.sum(var * v)
+
+    def fused(*args):
+        y, mean, var = layers.conv_batch_norm_pau(*args)
+        return jnp.sum(y * w) + jnp.sum(mean * u) + jnp.sum(var * v)
+
+    args = (x, kernel, scale, bias, numerator, denominator)
+    with jax.enable_x64(True):
+        want_value, want = jax.value_and_grad(plain, tuple(range(6)))(
+            *(jnp.asarray(a, jnp.float64) for a in args)
+        )
+        want = [np.asarray(g) for g in want]
+    value, got = jax.jit(jax.value_and_grad(fused, tuple(range(6))))(
+        *(jnp.asarray(a, jnp.float32) for a in args)
+    )
+    np.testing.assert_allclose(float(value), float(want_value), rtol=1e-5)
+    for g, e in zip(got, want):
+        assert g.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(g), e, rtol=2e-4, atol=2e-4 * np.abs(e).max())
+
+
+def test_encoder_recomputing_its_first_convolution_is_the_same_function_with_less_memory():
+    """Encoder(recompute_stem=True): the same latents, segmentation, statistics and gradients as
+    storing the first convolution's output, and fewer compiled temporaries for the gradient."""
+    from ossnet_jax.models.encoder import Encoder
+
+    x = jax.random.normal(jax.random.key(3), (1, 32, 32, 32, 4))
+
+    def run(recompute):
+        model = Encoder(channels=(16,), num_latents=3, recompute_stem=recompute)
+        variables = model.init(jax.random.key(0), x, False)
+
+        def loss(params):
+            (latents, seg), updates = model.apply(
+                {"params": params, "batch_stats": variables["batch_stats"]},
+                x,
+                True,
+                mutable=["batch_stats"],
+            )
+            return jnp.sum(jnp.sin(latents)) + jnp.sum(jnp.cos(seg)), updates
+
+        grad = jax.jit(jax.grad(loss, has_aux=True))
+        compiled = grad.lower(variables["params"]).compile()
+        return grad(variables["params"]), compiled.memory_analysis().temp_size_in_bytes
+
+    (grads, stats), stored = run(False)
+    (grads_r, stats_r), recomputed = run(True)
+    for a, b in zip(jax.tree.leaves((grads_r, stats_r)), jax.tree.leaves((grads, stats))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    assert float(jnp.max(jnp.abs(grads["block0"]["conv1"]["kernel"]))) > 0  # not vacuous
+    assert recomputed < stored, (recomputed, stored)
+
+
 def test_backward_values_wait_for_the_gradient(monkeypatch):
     """XLA's memory analysis of an encoder's compiled gradient: with the backward rules' residuals tied
     to the incoming gradient (PAU, BN + PAU, the convolution's kernel gradient), nothing of the

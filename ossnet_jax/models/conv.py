@@ -10,7 +10,7 @@ Cout), the channel-major columns of each slab built in cache. Parameters keep nn
 shapes, so checkpoints of either form load into the other.
 """
 
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -157,10 +157,16 @@ class Conv3D(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        shape = (self.kernel_size,) * 3 + (x.shape[-1], self.features)
+    def parameters(self, in_features: int) -> tuple[jax.Array, Optional[jax.Array]]:
+        """The float32 kernel (k, k, k, Cin, features) and bias (features,) or None, without running
+        the convolution: for callers that fuse it into another operation."""
+        shape = (self.kernel_size,) * 3 + (in_features, self.features)
         kernel = self.param("kernel", nn.initializers.lecun_normal(), shape)
+        if not self.use_bias:
+            return kernel, None
+        return kernel, self.param("bias", nn.initializers.zeros, (self.features,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel, bias = self.parameters(x.shape[-1])
         y = conv3d_same(x.astype(self.dtype), kernel.astype(self.dtype))
-        if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
-        return y
+        return y if bias is None else y + bias.astype(self.dtype)

@@ -53,6 +53,8 @@ class Encoder(nn.Module):
         one channel, (B, sx, sy, sz, seg_channels) for several.
       dtype: computation dtype (parameters and BatchNorm statistics float32); latents and logits are
         returned in float32.
+      recompute_stem: in training, run the first convolution again in the backward pass instead of
+        storing its output, the largest array of the encoder (train.remat = 'all').
     """
 
     kind: str = "skip"
@@ -63,6 +65,7 @@ class Encoder(nn.Module):
     dropout: float = 0.0
     seg_channels: int = 1
     dtype: Any = jnp.float32
+    recompute_stem: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, Optional[jax.Array]]:
@@ -71,7 +74,14 @@ class Encoder(nn.Module):
         x = x.astype(self.dtype)
         features = []
         for i, ch in enumerate(self.channels):
-            block = ResidualBlock3D(ch, self.activation, self.dropout, self.dtype, name=f"block{i}")
+            block = ResidualBlock3D(
+                ch,
+                self.activation,
+                self.dropout,
+                self.dtype,
+                recompute_conv1=self.recompute_stem and i == 0,
+                name=f"block{i}",
+            )
             x = block(x, train)
             features.append(x)
         latent_grid = x.shape[1:4]

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ossnet_jax.models.conv import Conv3D
+from ossnet_jax.models.conv import Conv3D, conv3d_same
 from ossnet_jax.models.recompute import after_gradient
 
 # Least-squares fit of P(x) / (1 + |b1 x| + ... + |b4 x^4|) to leaky ReLU (slope 0.01) on [-3, 3];
@@ -548,6 +548,49 @@ def _batch_norm_pau_bwd(residuals, cotangents):
 batch_norm_pau.defvjp(_batch_norm_pau_fwd, _batch_norm_pau_bwd)
 
 
+@jax.custom_vjp
+def conv_batch_norm_pau(
+    x: jax.Array,
+    kernel: jax.Array,
+    scale: jax.Array,
+    bias: jax.Array,
+    numerator: jax.Array,
+    denominator: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """batch_norm_pau(conv3d_same(x, kernel)) whose backward pass runs the convolution again.
+
+    Only x and the kernel are kept, not the convolution's output: at the encoder's first layer that
+    is 4 instead of 16 channels on the largest grid (OSS-Net C update step at 2^14 locations
+    781 -> 706 MiB, for one more 4 -> 16 convolution, ~105 ms on 2 volumes: the update step of
+    2 x 4096 locations took 0.05-0.13 s longer in alternating runs on the 2-core CPU;
+    benchmarks/NOTES.md).
+
+    Args:
+      x: (B, X, Y, Z, Cin), any float dtype.
+      kernel: (k, k, k, Cin, C) in x's dtype; scale, bias, numerator, denominator as batch_norm_pau.
+    Returns:
+      as batch_norm_pau of the (B, X, Y, Z, C) convolution output.
+    """
+    return _conv_batch_norm_pau_fwd(x, kernel, scale, bias, numerator, denominator)[0]
+
+
+def _conv_batch_norm_pau_fwd(x, kernel, scale, bias, numerator, denominator):
+    h = conv3d_same(x, kernel)
+    outputs, residuals = _batch_norm_pau_fwd(h, scale, bias, numerator, denominator, None)
+    return outputs, (x, kernel) + residuals[1:]
+
+
+def _conv_batch_norm_pau_bwd(residuals, cotangents):
+    x, kernel = (after_gradient(a, cotangents[0]) for a in residuals[:2])
+    h, conv_vjp = jax.vjp(conv3d_same, x, kernel)
+    dh, *rest = _batch_norm_pau_bwd((h,) + residuals[2:], cotangents)
+    dx, d_kernel = conv_vjp(dh)
+    return (dx, d_kernel, *rest[:-1])
+
+
+conv_batch_norm_pau.defvjp(_conv_batch_norm_pau_fwd, _conv_batch_norm_pau_bwd)
+
+
 class BatchNorm(nn.Module):
     """nn.BatchNorm(momentum=BN_MOMENTUM, epsilon=BN_EPSILON) over all axes but the last, with its
     variables ('scale', 'bias'; batch_stats 'mean', 'var'), so checkpoints are interchangeable.
@@ -568,21 +611,30 @@ class BatchNorm(nn.Module):
         train: bool,
         activation: Optional[nn.Module] = None,
         shortcut: Optional[jax.Array] = None,
+        kernel: Optional[jax.Array] = None,
     ) -> jax.Array:
         """x: (B, X, ..., C). Returns activation(normalised x + shortcut), same shape, in `dtype`.
 
         activation (a module of the caller, e.g. PAU or ReLU) and shortcut (x's shape) are optional.
         A PAU in training runs fused with the normalisation (`batch_norm_pau`), which stores only x
-        for the backward pass; its parameters stay the PAU module's.
+        for the backward pass; its parameters stay the PAU module's. With a (k, k, k, Cin, C) kernel
+        (a Conv3D's `parameters`), x is that convolution's (B, X, Y, Z, Cin) input; with a PAU in
+        training it runs inside `conv_batch_norm_pau`, which stores x instead of its output.
         """
-        c = x.shape[-1]
+        if kernel is not None:
+            kernel = kernel.astype(self.dtype)
+            if not (train and isinstance(activation, PAU) and shortcut is None):
+                x, kernel = conv3d_same(x.astype(self.dtype), kernel), None
+        c = x.shape[-1] if kernel is None else kernel.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (c,))
         bias = self.param("bias", nn.initializers.zeros, (c,))
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
         x = x.astype(self.dtype)
         shortcut = None if shortcut is None else shortcut.astype(self.dtype)
-        if train and isinstance(activation, PAU):
+        if kernel is not None:
+            y, mean, var = conv_batch_norm_pau(x, kernel, scale, bias, *activation.coefficients())
+        elif train and isinstance(activation, PAU):
             y, mean, var = batch_norm_pau(x, scale, bias, *activation.coefficients(), shortcut)
         else:
             if train:
@@ -610,18 +662,24 @@ class ResidualBlock3D(nn.Module):
     activation: str = "pau"
     dropout: float = 0.0
     dtype: Any = jnp.float32
+    # training: run conv1 again in the backward pass instead of storing its output (`BatchNorm`'s kernel)
+    recompute_conv1: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         act = make_activation(self.activation)
 
-        def norm_act(name: str, h: jax.Array, act_name: str, shortcut=None) -> jax.Array:
-            return BatchNorm(self.dtype, name=name)(h, train, act(name=act_name), shortcut)
+        def norm_act(name: str, h: jax.Array, act_name: str, shortcut=None, kernel=None):
+            return BatchNorm(self.dtype, name=name)(h, train, act(name=act_name), shortcut, kernel)
 
-        h = Conv3D(self.features, 3, use_bias=False, dtype=self.dtype, name="conv1")(x)
-        h = norm_act("bn1", h, "act1")
-        # training: slices forward, broadcast backward (avg_pool2); evaluation: XLA's reduce-window,
-        # which pools the activation without a temporary (LiTS encoder pass 2,066 -> 1,810 MiB)
+        conv1 = Conv3D(self.features, 3, use_bias=False, dtype=self.dtype, name="conv1")
+        if self.recompute_conv1 and train:
+            h = norm_act("bn1", x, "act1", kernel=conv1.parameters(x.shape[-1])[0])
+        else:
+            h = norm_act("bn1", conv1(x), "act1")
+        # training: a reshape-sum forward, broadcast backward (avg_pool2); evaluation: XLA's
+        # reduce-window, which pools the activation without a temporary (LiTS encoder pass
+        # 2,066 -> 1,810 MiB)
         pool = avg_pool2 if train else lambda v: nn.avg_pool(v, (2, 2, 2), strides=(2, 2, 2))
         h = pool(h)
         h = nn.Dropout(self.dropout, deterministic=not train)(h)

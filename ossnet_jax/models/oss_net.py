@@ -55,7 +55,8 @@ class OSSNet(nn.Module):
     seg_channels: int = 1
     dtype: Any = jnp.float32
     # train.remat: which parts store only their inputs for the backward pass and run again there:
-    # 'decoder' (its blocks), 'all' (the patch encoder too) or 'none'; see `remat_mode`
+    # 'decoder' (its blocks), 'all' (the patch encoder and the encoder's first convolution too) or
+    # 'none'; see `remat_mode`
     remat: str = "none"
 
     def setup(self):
@@ -68,6 +69,7 @@ class OSSNet(nn.Module):
             self.dropout,
             self.seg_channels,
             self.dtype,
+            recompute_stem=self.remat == "all",
         )
         if self.patches:
             self.patch_net = PatchEncoder(
