@@ -90,10 +90,11 @@ def get_base_config(preset: str = "brats") -> ml_collections.ConfigDict:
     train.dtype = (
         "float32"  # 'bfloat16': compute in bfloat16; parameters, loss, BN statistics float32
     )
-    # 'all': the patch encoder and the decoder blocks keep only their inputs for the backward pass and
-    # are recomputed there; 'decoder': the decoder blocks only; 'none'. OSS-Net C update step, 2^14
-    # locations: 957 MiB ('all'), 1,129 MiB ('decoder'), 1,921 MiB ('none'); 'decoder' saves ~0.2 s of
-    # the 2 x 4096-location step on the 2-core CPU. Needs model.dropout = 0
+    # 'all': the patch encoder, the decoder blocks and the encoder's first convolution keep only their
+    # inputs for the backward pass and are recomputed there; 'decoder': the decoder blocks only;
+    # 'none'. OSS-Net C update step, 2^14 locations: 706 MiB ('all'), 888 MiB ('decoder'), 1,424 MiB
+    # ('none'); 'decoder' saves ~0.1 s of the 2 x 4096-location step on the 2-core CPU. Needs
+    # model.dropout = 0
     train.remat = "all"
 
     config.eval = ev = ml_collections.ConfigDict()
