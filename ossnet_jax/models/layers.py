@@ -141,7 +141,7 @@ def _coefficient_sums(terms: list[jax.Array]) -> jax.Array:
     return jnp.stack([r.sum() for r in row_sums])
 
 
-def _after_gradient(g: jax.Array, *small: jax.Array) -> tuple[jax.Array, ...]:
+def _after_gradient(g: jax.Array, *arrays: jax.Array) -> tuple[jax.Array, ...]:
     """A backward rule's residuals, tied to its incoming gradient g (`after_gradient`).
 
     Every large value of the backward pass is then computable only once g exists. Untied, XLA:CPU
@@ -150,12 +150,11 @@ def _after_gradient(g: jax.Array, *small: jax.Array) -> tuple[jax.Array, ...]:
     backward's powers of x were then shared with the forward's and kept (3D U-Net train step
     3,787 -> 4,766 MiB), so `pau` ties x as well (-> 2,961 MiB; benchmarks/NOTES.md).
     """
-    return tuple(after_gradient(a, g) for a in small)
+    return tuple(after_gradient(a, g) for a in arrays)
 
 
 def _pau_bwd(residuals, g):
-    x, numerator, denominator = residuals
-    x, numerator, denominator = _after_gradient(g, x, numerator, denominator)
+    x, numerator, denominator = _after_gradient(g, *residuals)
     dx, terms = _pau_input_grad(x, g, numerator, denominator)
     sums = _coefficient_sums(terms)
     return dx, sums[:6].astype(numerator.dtype), sums[6:].astype(denominator.dtype)
@@ -303,7 +302,7 @@ def _cbn_fwd(x, gamma, beta):
 def _cbn_bwd(residuals, cotangents):
     x, gamma, mean, inv = residuals
     g, g_mean, g_var = cotangents
-    gamma, mean, inv = (after_gradient(v, g) for v in (gamma, mean, inv))
+    gamma, mean, inv = _after_gradient(g, gamma, mean, inv)
     sum_g, sum_gx = _location_sums(g), _location_sums(g * x)  # (B, F)
     d_a = sum_gx - mean * sum_g  # sum over locations of g (x - mean)
     a = inv * gamma
@@ -581,7 +580,7 @@ def _conv_batch_norm_pau_fwd(x, kernel, scale, bias, numerator, denominator):
 
 
 def _conv_batch_norm_pau_bwd(residuals, cotangents):
-    x, kernel = (after_gradient(a, cotangents[0]) for a in residuals[:2])
+    x, kernel = _after_gradient(cotangents[0], *residuals[:2])
     h, conv_vjp = jax.vjp(conv3d_same, x, kernel)
     dh, *rest = _batch_norm_pau_bwd((h,) + residuals[2:], cotangents)
     dx, d_kernel = conv_vjp(dh)
