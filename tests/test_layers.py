@@ -229,6 +229,22 @@ def test_scale_shift_gradients_equal_float64_sums():
     np.testing.assert_allclose(np.asarray(dc), g.sum(1), rtol=1e-5, atol=1e-5)
 
 
+def _assert_agrees_with_float64_autodiff(plain, ours, args, argnums, rtol=1e-4):
+    """ours(*args) in float32 under jit against plain(*args) in float64: the value to 1e-5 relative,
+    the gradients of argnums (float32) to rtol, with an absolute floor of rtol times each gradient's
+    largest magnitude. None arguments stay None."""
+    with jax.enable_x64(True):
+        as64 = [None if a is None else jnp.asarray(a, jnp.float64) for a in args]
+        want_value, want = jax.value_and_grad(plain, argnums)(*as64)
+        want = [np.asarray(g) for g in want]
+    as32 = [None if a is None else jnp.asarray(a, jnp.float32) for a in args]
+    value, got = jax.jit(jax.value_and_grad(ours, argnums))(*as32)
+    np.testing.assert_allclose(float(value), float(want_value), rtol=1e-5)
+    for g, e in zip(got, want):
+        assert g.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(g), e, rtol=rtol, atol=rtol * np.abs(e).max())
+
+
 def test_conditional_batch_norm_train_equals_the_plain_formula_with_gradients():
     """The one-pass backward of training-mode CBN against autodiff of the plain formula in float64:
     values, statistics, and the gradients of x, gamma, beta and the returned statistics' cotangents."""
@@ -246,17 +262,7 @@ def test_conditional_batch_norm_train_equals_the_plain_formula_with_gradients():
         y, mean, var = layers.conditional_batch_norm_train(x, gamma, beta)
         return jnp.sum(y * w) + mean * u + var * v
 
-    with jax.enable_x64(True):
-        want_value, want = jax.value_and_grad(plain, (0, 1, 2))(
-            *(jnp.asarray(a, jnp.float64) for a in (x, gamma, beta))
-        )
-        want = [np.asarray(g) for g in want]
-    f32 = [jnp.asarray(a, jnp.float32) for a in (x, gamma, beta)]
-    value, got = jax.jit(jax.value_and_grad(ours, (0, 1, 2)))(*f32)
-    np.testing.assert_allclose(float(value), float(want_value), rtol=1e-5)
-    for g, e in zip(got, want):
-        assert g.dtype == jnp.float32
-        np.testing.assert_allclose(np.asarray(g), e, rtol=1e-4, atol=1e-4 * np.abs(e).max())
+    _assert_agrees_with_float64_autodiff(plain, ours, (x, gamma, beta), (0, 1, 2))
 
 
 def test_avg_pool2_values_and_gradient_equal_float64_cells():
@@ -385,16 +391,7 @@ def test_batch_norm_pau_equals_the_plain_formula_with_gradients(with_shortcut):
 
     args = (x, scale, bias, numerator, denominator, shortcut)
     argnums = (0, 1, 2, 3, 4, 5) if with_shortcut else (0, 1, 2, 3, 4)
-    with jax.enable_x64(True):
-        as64 = [None if a is None else jnp.asarray(a, jnp.float64) for a in args]
-        want_value, want = jax.value_and_grad(plain, argnums)(*as64)
-        want = [np.asarray(g) for g in want]
-    as32 = [None if a is None else jnp.asarray(a, jnp.float32) for a in args]
-    value, got = jax.jit(jax.value_and_grad(fused, argnums))(*as32)
-    np.testing.assert_allclose(float(value), float(want_value), rtol=1e-5)
-    for g, e in zip(got, want):
-        assert g.dtype == jnp.float32
-        np.testing.assert_allclose(np.asarray(g), e, rtol=1e-4, atol=1e-4 * np.abs(e).max())
+    _assert_agrees_with_float64_autodiff(plain, fused, args, argnums)
 
 
 def test_conv_batch_norm_pau_equals_the_plain_formula_with_gradients():
@@ -424,18 +421,7 @@ def test_conv_batch_norm_pau_equals_the_plain_formula_with_gradients():
         return jnp.sum(y * w) + jnp.sum(mean * u) + jnp.sum(var * v)
 
     args = (x, kernel, scale, bias, numerator, denominator)
-    with jax.enable_x64(True):
-        want_value, want = jax.value_and_grad(plain, tuple(range(6)))(
-            *(jnp.asarray(a, jnp.float64) for a in args)
-        )
-        want = [np.asarray(g) for g in want]
-    value, got = jax.jit(jax.value_and_grad(fused, tuple(range(6))))(
-        *(jnp.asarray(a, jnp.float32) for a in args)
-    )
-    np.testing.assert_allclose(float(value), float(want_value), rtol=1e-5)
-    for g, e in zip(got, want):
-        assert g.dtype == jnp.float32
-        np.testing.assert_allclose(np.asarray(g), e, rtol=2e-4, atol=2e-4 * np.abs(e).max())
+    _assert_agrees_with_float64_autodiff(plain, fused, args, tuple(range(6)), rtol=2e-4)
 
 
 def test_encoder_recomputing_its_first_convolution_is_the_same_function_with_less_memory():
