@@ -362,6 +362,21 @@ def test_batch_norm_train_gradients_through_the_returned_statistics():
         np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=1e-4)
 
 
+def _plain_batch_norm_pau(x, scale, bias, numerator, denominator, shortcut=None):
+    """Training batch norm over all axes but the last, + shortcut, then the PAU, written plainly for
+    autodiff: (y, mean, biased variance)."""
+    mean = x.mean(axis=(0, 1, 2, 3))
+    var = x.var(axis=(0, 1, 2, 3))
+    t = (x - mean) / jnp.sqrt(var + layers.BN_EPSILON) * scale + bias
+    t = t if shortcut is None else t + shortcut
+    return _plain_pau(t, numerator, denominator), mean, var
+
+
+def _weighted_sum(y, mean, var, w, u, v):
+    """A scalar that gives y, mean and var the random cotangents w, u, v."""
+    return jnp.sum(y * w) + jnp.sum(mean * u) + jnp.sum(var * v)
+
+
 @pytest.mark.parametrize("with_shortcut", [False, True])
 def test_batch_norm_pau_equals_the_plain_formula_with_gradients(with_shortcut):
     """The fused normalisation + PAU (normalised input recomputed in the backward pass) against
@@ -377,17 +392,11 @@ def test_batch_norm_pau_equals_the_plain_formula_with_gradients(with_shortcut):
     shortcut = rng.normal(size=shape) if with_shortcut else None
     w, u, v = rng.normal(size=shape), rng.normal(size=4), rng.normal(size=4)
 
-    def plain(x, scale, bias, numerator, denominator, shortcut):
-        mean = x.mean(axis=(0, 1, 2, 3))
-        var = x.var(axis=(0, 1, 2, 3))
-        t = (x - mean) / jnp.sqrt(var + layers.BN_EPSILON) * scale + bias
-        t = t if shortcut is None else t + shortcut
-        y = _plain_pau(t, numerator, denominator)
-        return jnp.sum(y * w) + jnp.sum(mean * u) + jnp.sum(var * v)
+    def plain(*args):
+        return _weighted_sum(*_plain_batch_norm_pau(*args), w, u, v)
 
     def fused(*args):
-        y, mean, var = layers.batch_norm_pau(*args)
-        return jnp.sum(y * w) + jnp.sum(mean * u) + jnp.sum(var * v)
+        return _weighted_sum(*layers.batch_norm_pau(*args), w, u, v)
 
     args = (x, scale, bias, numerator, denominator, shortcut)
     argnums = (0, 1, 2, 3, 4, 5) if with_shortcut else (0, 1, 2, 3, 4)
@@ -407,18 +416,14 @@ def test_conv_batch_norm_pau_equals_the_plain_formula_with_gradients():
     denominator = np.asarray(layers.PAU_INIT_DENOMINATOR) * [1, -1, 1, 1]
     w, u, v = rng.normal(size=x.shape[:4] + (4,)), rng.normal(size=4), rng.normal(size=4)
 
-    def plain(x, kernel, scale, bias, numerator, denominator):
+    def plain(x, kernel, *rest):
         h = jax.lax.conv_general_dilated(
             x, kernel, (1, 1, 1), "SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC")
         )
-        mean, var = h.mean(axis=(0, 1, 2, 3)), h.var(axis=(0, 1, 2, 3))
-        t = (h - mean) / jnp.sqrt(var + layers.BN_EPSILON) * scale + bias
-        y = _plain_pau(t, numerator, denominator)
-        return jnp.sum(y * w) + jnp.sum(mean * u) + jnp.sum(var * v)
+        return _weighted_sum(*_plain_batch_norm_pau(h, *rest), w, u, v)
 
     def fused(*args):
-        y, mean, var = layers.conv_batch_norm_pau(*args)
-        return jnp.sum(y * w) + jnp.sum(mean * u) + jnp.sum(var * v)
+        return _weighted_sum(*layers.conv_batch_norm_pau(*args), w, u, v)
 
     args = (x, kernel, scale, bias, numerator, denominator)
     _assert_agrees_with_float64_autodiff(plain, fused, args, tuple(range(6)), rtol=2e-4)
