@@ -12,7 +12,7 @@ import pathlib
 
 from absl import app, flags, logging
 
-from ossnet_jax import evaluation, hostmem, xla_cpu
+from ossnet_jax import evaluation, runtime
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A directory written by train.py.")
@@ -53,6 +53,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    xla_cpu.configure()
-    hostmem.relaunch_with_huge_pages()
+    runtime.prepare()
     app.run(main)

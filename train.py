@@ -15,7 +15,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ossnet_jax import distributed, hostmem, training, xla_cpu
+from ossnet_jax import distributed, runtime, training
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/demo.py", "Configuration file (path[:preset]).")
@@ -45,6 +45,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    xla_cpu.configure()
-    hostmem.relaunch_with_huge_pages()
+    runtime.prepare()
     app.run(main)

@@ -19,7 +19,7 @@ import time
 import ml_collections
 import numpy as np
 
-from ossnet_jax import evaluation, files, hostmem, reporting, xla_cpu
+from ossnet_jax import evaluation, files, reporting, runtime
 from ossnet_jax.data import dataset
 
 VARIANTS = (  # strategy, seeded, octree margin, growth connectivity, finest stride, confident
@@ -124,6 +124,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    xla_cpu.configure()
-    hostmem.relaunch_with_huge_pages()
+    runtime.prepare()
     main()

@@ -62,7 +62,7 @@ import ml_collections
 import numpy as np
 from matplotlib.figure import Figure
 
-from ossnet_jax import evaluation, families, files, training, unet_inference, xla_cpu
+from ossnet_jax import evaluation, families, files, runtime, training, unet_inference
 from ossnet_jax.train_state import make_optimizer
 
 GRIDS = {  # name -> (shape, preset, data.downscale of the occupancy networks)
@@ -514,5 +514,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    xla_cpu.configure()  # the programs train.py and evaluate.py compile
+    runtime.prepare()
     main()

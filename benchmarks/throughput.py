@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ossnet_jax import families, hostmem, losses, xla_cpu
+from ossnet_jax import families, losses, runtime
 from ossnet_jax.models.flops import flops_per_point, latent_size
 from ossnet_jax.models.oss_net import OSSNet, build_model, downscale
 from ossnet_jax.train_state import make_optimizer, patch_channels
@@ -294,6 +294,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    xla_cpu.configure()
-    hostmem.relaunch_with_huge_pages()
+    runtime.prepare()
     main()

@@ -34,12 +34,12 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import throughput
-from ossnet_jax import hostmem, xla_cpu
+from ossnet_jax.kernels.cpu import hostmem, xla_flags
 
 SETS = {
     "default": "",
     "eigen": "--xla_cpu_experimental_ynn_fusion_type=",
-    "eigen_reassoc": "--xla_cpu_experimental_ynn_fusion_type= " + " ".join(xla_cpu.REASSOCIATION),
+    "eigen_reassoc": "--xla_cpu_experimental_ynn_fusion_type= " + " ".join(xla_flags.REASSOCIATION),
     "ynn_no_dot": "--xla_cpu_experimental_ynn_fusion_type=-dot",
     "xnn_dot": "--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_experimental_xnn_fusion_type=dot",
     "onednn_dot": (

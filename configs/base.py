@@ -61,6 +61,9 @@ def get_base_config(preset: str = "brats") -> ml_collections.ConfigDict:
     model.fourier_features = 0  # random Fourier features of the location (config D: 16)
     model.fourier_scale = 4.0
     model.location_encoding = "normalized"  # 'normalized' to [-1, 1] | 'voxel' (raw indices)
+    # formulation of the layers (ossnet_jax/kernels): 'xla' the plain one (GPU/TPU), 'cpu' the CPU fast
+    # paths, 'auto' the CPU's on the CPU backend and 'xla' elsewhere; parameters are the same for both
+    model.kernels = "auto"
 
     config.train = train = ml_collections.ConfigDict()
     train.steps = 1850  # 50 epochs of the 295 training volumes of an 80/20 split at batch 8
@@ -92,9 +95,7 @@ def get_base_config(preset: str = "brats") -> ml_collections.ConfigDict:
     )
     # 'all': the patch encoder, the decoder blocks and the encoder's first convolution keep only their
     # inputs for the backward pass and are recomputed there; 'decoder': the decoder blocks only;
-    # 'none'. OSS-Net C update step, 2^14 locations: 706 MiB ('all'), 888 MiB ('decoder'), 1,424 MiB
-    # ('none'); 'decoder' saves ~0.1 s of the 2 x 4096-location step on the 2-core CPU. Needs
-    # model.dropout = 0
+    # 'none' (docs/performance.md compares their memory and speed). Needs model.dropout = 0
     train.remat = "all"
 
     config.eval = ev = ml_collections.ConfigDict()

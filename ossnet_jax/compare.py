@@ -38,7 +38,7 @@ import ml_collections
 import numpy as np
 from matplotlib.figure import Figure
 
-from ossnet_jax import families, files, hostmem, training, xla_cpu
+from ossnet_jax import families, files, runtime, training
 from ossnet_jax.data import dataset
 from ossnet_jax.train_state import make_optimizer
 
@@ -266,6 +266,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    xla_cpu.configure()
-    hostmem.relaunch_with_huge_pages()  # it trains like train.py: the same page-fault remedy
+    runtime.prepare()
     main()

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from ossnet_jax import kernels as kernel_sets
 from ossnet_jax.models.oss_net import OSSNet, compute_dtype, downscale, observe, patch_source
 
 
@@ -68,7 +69,7 @@ def model_inputs(
 
     Patches are cast to train.dtype (bfloat16 halves their memory); the model casts the rest.
     """
-    low = downscale(image, config.data.downscale, train=True)
+    low = downscale(image, config.data.downscale, True, kernel_sets.of_config(config))
     if not config.model.patches:
         return low, None
     size, large = config.model.patch_size, config.model.large_patches

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from ossnet_jax import (
     checkpointing,
+    kernels as kernel_sets,
     distributed,
     evaluation,
     families,
@@ -78,7 +79,7 @@ def prepare_inputs(
     k_aug, k_loc, _ = jax.random.split(jax.random.fold_in(rng, step), 3)
     b = batch["image"].shape[0]
     image, target, band = augment.augment_batch(
-        k_aug, batch["image"], batch["target"], batch["band"], t
+        k_aug, batch["image"], batch["target"], batch["band"], t, kernel_sets.of_config(config)
     )
     locs = jax.vmap(lambda k, d: sampling.sample_locations(k, d, t.num_points, t.border_fraction))(
         jax.random.split(k_loc, b), band
@@ -303,7 +304,8 @@ RESUME_DATA_KEYS = (
 
 def _resume_keys(config: dict) -> dict:
     """Dotted key -> value of the JSON config entries that change the parameters or the data."""
-    keys = {f"model.{k}": v for k, v in config.get("model", {}).items()}
+    # model.kernels picks a formulation, not parameters: a run may resume with the other kernel set
+    keys = {f"model.{k}": v for k, v in config.get("model", {}).items() if k != "kernels"}
     data = config.get("data", {})
     keys.update({f"data.{k}": data[k] for k in RESUME_DATA_KEYS if k in data})
     return keys

@@ -134,7 +134,7 @@ def train_step(
     rng = jax.random.fold_in(rng, state.step)
     k_aug, k_sample, k_drop = jax.random.split(rng, 3)
     image, target, _ = augment.augment_batch(
-        k_aug, batch["image"], batch["target"], batch["band"], t
+        k_aug, batch["image"], batch["target"], batch["band"], t, kernel_sets.of_config(config)
     )
     if model.spatial_dims == 2:
         inputs, index = random_slices(

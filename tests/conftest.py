@@ -4,7 +4,7 @@ Every test, and every python subprocess a test starts (they inherit the environm
 persistent JAX compilation cache in a folder made for the session: the tiny train step that many tests
 and train.py runs compile is compiled once. It is set here, before anything imports jax; a cache folder
 already named in JAX_COMPILATION_CACHE_DIR is used instead. XLA_FLAGS get the entry points' XLA:CPU
-flags (ossnet_jax/xla_cpu.py) here too, so the tests run the programs users run.
+flags (ossnet_jax/kernels/cpu/xla_flags.py) here too, so the tests run the programs users run.
 """
 
 import atexit
@@ -25,9 +25,9 @@ import ml_collections
 import pytest
 
 from configs import demo
-from ossnet_jax import xla_cpu
+from ossnet_jax.kernels.cpu import xla_flags
 
-xla_cpu.configure()  # before any JAX computation: the tests compile what train.py and evaluate.py do
+xla_flags.configure()  # before any JAX computation: the tests compile what train.py and evaluate.py do
 
 TINY_GRID = (32, 32, 16)  # divisible by downscale 2 x 2^2 blocks
 

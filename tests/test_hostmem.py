@@ -6,10 +6,10 @@ import sys
 
 import pytest
 
-from ossnet_jax import hostmem
+from ossnet_jax.kernels.cpu import hostmem
 
 SCRIPT = (
-    "import os, sys; from ossnet_jax import hostmem; print('before', os.getpid(), flush=True);"
+    "import os, sys; from ossnet_jax.kernels.cpu import hostmem; print('before', os.getpid(), flush=True);"
     " hostmem.relaunch_with_huge_pages();"
     " print('after', os.getpid(), os.environ.get('GLIBC_TUNABLES'), sys.argv[1:])"
 )

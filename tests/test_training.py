@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ossnet_jax import checkpointing, evaluation, reporting, train_state, training
+from ossnet_jax import checkpointing, evaluation, kernels, reporting, train_state, training
 from ossnet_jax.data import dataset
 from ossnet_jax.models.oss_net import build_model
 from tests.conftest import tiny_config
@@ -220,3 +220,24 @@ def test_predictor_batches_equal_direct_application_on_every_voxel(trained):
         rtol=1e-5,
         atol=1e-6,
     )
+
+
+def test_checkpoint_trained_with_cpu_kernels_evaluates_with_xla_kernels(trained):
+    """The run trained with the CPU kernels ('auto' on this backend); its checkpoint, restored into a
+    model built with the plain kernels, gives the same latents and probabilities."""
+    _, workdir, _ = trained
+    config = evaluation.load_config(workdir)
+    assert kernels.of_config(config) == "cpu"
+    _, val_cases = dataset.load_split(config)
+    image = jnp.asarray(val_cases[0].image)
+    locs = np.argwhere(np.ones(config.data.grid_shape, bool)).astype(np.int32)[::7]
+    out = {}
+    for name in ("cpu", "xla"):
+        config.model.kernels = name
+        predictor, _ = evaluation.restore_predictor(config, workdir)
+        latents, seg_prob, source = predictor.encode(predictor.variables, image)
+        out[name] = (latents, seg_prob, predictor.decode_all(latents, source, locs))
+    for cpu, xla in zip(out["cpu"], out["xla"]):
+        np.testing.assert_allclose(np.asarray(xla), np.asarray(cpu), rtol=1e-5, atol=1e-5)
+    probabilities = out["xla"][2]
+    assert probabilities.std() > 1e-3  # a field that varies: the comparison is not of constants

@@ -8,14 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ossnet_jax import xla_cpu
+from ossnet_jax.kernels.cpu import xla_flags as xla_cpu
 
 YNN = "--xla_cpu_experimental_ynn_fusion_type"
 
 # A dot compiled after xla_cpu.configure() (jax imported first, as in the entry points); prints how
 # many YNNPACK fusions the compiled program holds, then the product's largest error against numpy.
 PROBE = (
-    "import jax, jax.numpy as jnp, numpy as np; from ossnet_jax import xla_cpu; xla_cpu.configure();"
+    "import jax, jax.numpy as jnp, numpy as np; from ossnet_jax.kernels.cpu import xla_flags as xla_cpu; xla_cpu.configure();"
     " a = np.random.default_rng(0).normal(size=(64, 48)).astype(np.float32);"
     " f = jax.jit(lambda a: jnp.tanh(a @ a.T)); text = f.lower(a).compile().as_text();"
     " ref = np.tanh(a.astype(np.float64) @ a.T.astype(np.float64));"

@@ -1,72 +1,10 @@
 """Training augmentation on the device (official recipe): in-plane flips, brightness shift, noise."""
 
-import math
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-_ROTATIONS = (13, 15, 26, 6, 17, 29, 16, 24)
-
-
-def threefry2x32(
-    key: tuple[jax.Array, jax.Array], x0: jax.Array, x1: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """Threefry-2x32 with 20 rounds (Salmon et al., SC 2011), the hash of jax.random's default PRNG.
-
-    key: two uint32 scalars; x0, x1: uint32 counters of one shape. Returns the two output words.
-    Written out round by round, XLA fuses it into one vectorised loop; jax's own lowering for the CPU
-    is a rolled loop that passes the arrays through memory five times (BraTS volume's 10.5 M counter
-    pairs: 34 ms against 97 ms on the 2-core CPU; the same bits, see tests/test_sampling.py).
-    """
-    k0, k1 = key
-    ks = (k0, k1, k0 ^ k1 ^ jnp.uint32(0x1BD11BDA))
-    x0, x1 = x0 + ks[0], x1 + ks[1]
-    for group in range(5):
-        for r in _ROTATIONS[4 * (group % 2) : 4 * (group % 2) + 4]:
-            x0 = x0 + x1
-            x1 = (x1 << jnp.uint32(r)) | (x1 >> jnp.uint32(32 - r))
-            x1 = x1 ^ x0
-        x0 = x0 + ks[(group + 1) % 3]
-        x1 = x1 + ks[(group + 2) % 3] + jnp.uint32(group + 1)
-    return x0, x1
-
-
-def add_gaussian_noise(key: jax.Array, x: jax.Array, std: float) -> jax.Array:
-    """x + std * z for standard normal z drawn with a threefry key, two values per threefry block.
-
-    jax.random.normal of a threefry key hashes one counter per value and keeps the XOR of the block's
-    two output words; here counter i gives the values at flat indices i and i + n/2 (n = x.size rounded
-    up to even), so the hashing costs half. Each value is sqrt(2) erfinv(2u - 1) of a uniform u of the
-    word's top 23 bits, clipped to the open interval as jax.random.normal does. The two halves of x
-    are noised separately and joined, the form XLA:CPU fuses into vectorised loops (joining the noise
-    first took longer than jax.random.normal). With `threefry2x32` written out, the noise of a BraTS
-    volume (256 x 256 x 160 x 4) takes 0.12 s against 0.27 s for jax.random.normal on the 2-core CPU
-    (benchmarks/NOTES.md). Keys of another PRNG implementation use jax.random.normal. Returns x's
-    shape and dtype (the noise is float32).
-    """
-    if str(jax.random.key_impl(key)) != "threefry2x32":
-        return x + std * jax.random.normal(key, x.shape, jnp.float32).astype(x.dtype)
-    n = x.size
-    flat = x.reshape(-1).astype(jnp.float32)
-    if n % 2:
-        flat = jnp.concatenate([flat, jnp.zeros((1,), jnp.float32)])
-    half = flat.size // 2
-    words = jax.random.key_data(key)
-    counter = jax.lax.iota(jnp.uint32, half)
-    first, second = threefry2x32((words[0], words[1]), counter, counter + jnp.uint32(half))
-    lowest = jnp.nextafter(jnp.float32(-1), jnp.float32(1))
-
-    def normal(bits: jax.Array) -> jax.Array:
-        mantissa = (bits >> jnp.uint32(9)) | jnp.uint32(0x3F800000)
-        u = jax.lax.bitcast_convert_type(mantissa, jnp.float32) - 1.0  # [0, 1)
-        return jnp.float32(math.sqrt(2.0)) * jax.scipy.special.erfinv(
-            jnp.maximum(lowest, 2.0 * u - 1.0)
-        )
-
-    noisy = jnp.concatenate([flat[:half] + std * normal(first), flat[half:] + std * normal(second)])
-    return noisy[:n].reshape(x.shape).astype(x.dtype)
-
+from ossnet_jax import kernels as kernel_sets
 
 def augment(
     rng: jax.Array,
@@ -74,6 +12,7 @@ def augment(
     target: jax.Array,
     band: jax.Array,
     cfg: ml_collections.ConfigDict,
+    kernels: str = "xla",
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Augments one volume; geometric changes apply to image, target and band alike.
 
@@ -82,6 +21,7 @@ def augment(
       image: (X, Y, Z, C) float32 z-scored; target, band: (X, Y, Z).
       cfg: config.train (flip_probability; brightness_shift, noise_std each applied with
         augment_probability: a shift uniform in +-brightness_shift, Gaussian noise of std noise_std).
+      kernels: the resolved kernel set whose `gaussian_noise` draws the noise.
     Returns:
       The augmented (image, target, band).
     """
@@ -101,7 +41,7 @@ def augment(
         apply = jax.random.uniform(keys[4]) < cfg.augment_probability
         image = jax.lax.cond(
             apply,
-            lambda x: add_gaussian_noise(keys[5], x, cfg.noise_std),
+            lambda x: kernel_sets.get(kernels).gaussian_noise(keys[5], x, cfg.noise_std),
             lambda x: x,
             image,
         )
@@ -114,16 +54,19 @@ def augment_batch(
     targets: jax.Array,
     bands: jax.Array,
     cfg: ml_collections.ConfigDict,
+    kernels: str = "xla",
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`augment` of each volume of a batch with key split(rng, B)[i]: (B, X, Y, Z, C), (B, X, Y, Z) x 2.
 
-    On one device this is a loop over the batch, so that the noise (0.12 s per BraTS volume on the
-    2-core CPU) is only computed for the volumes that draw it (under vmap the conditional becomes a
-    select that computes both branches). With several devices it is a vmap, which keeps a batch split
-    over devices where it is. Both give the same values.
+    On one device this is a loop over the batch, so that the noise is only computed for the volumes
+    that draw it (under vmap the conditional becomes a select that computes both branches). With
+    several devices it is a vmap, which keeps a batch split over devices where it is. Both give the
+    same values.
     """
     keys = jax.random.split(rng, images.shape[0])
     if jax.device_count() > 1:
-        return jax.vmap(lambda k, i, g, d: augment(k, i, g, d, cfg))(keys, images, targets, bands)
-    out = [augment(k, i, g, d, cfg) for k, i, g, d in zip(keys, images, targets, bands)]
+        return jax.vmap(lambda k, i, g, d: augment(k, i, g, d, cfg, kernels))(
+            keys, images, targets, bands
+        )
+    out = [augment(k, i, g, d, cfg, kernels) for k, i, g, d in zip(keys, images, targets, bands)]
     return tuple(jnp.stack(parts) for parts in zip(*out))

@@ -6,8 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ossnet_jax import kernels as kernel_sets
 from ossnet_jax.models.layers import ConditionalBatchNorm, make_activation, over_rows
-from ossnet_jax.models.recompute import recomputed
 
 
 class SplitDense(nn.Module):
@@ -46,6 +46,7 @@ class DecoderBlock(nn.Module):
     activation: str = "pau"
     dropout: float = 0.0
     dtype: Any = jnp.float32
+    kernels: str = "xla"
 
     @nn.compact
     def __call__(
@@ -59,16 +60,16 @@ class DecoderBlock(nn.Module):
                 return SplitDense(self.width, self.dtype, name=name)(h, context)
             return over_rows(nn.Dense(self.width, dtype=self.dtype, name=name), h)
 
-        cbn = lambda name, h: ConditionalBatchNorm(self.width, self.dtype, name=name)(
+        cbn = lambda name, h: ConditionalBatchNorm(self.width, self.dtype, self.kernels, name=name)(
             h, latent, train
         )
         has_context = context is not None
-        h = act(name="act1")(cbn("cbn1", dense("dense1", x, has_context)))
+        h = act(self.kernels, name="act1")(cbn("cbn1", dense("dense1", x, has_context)))
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         h = cbn("cbn2", dense("dense2", h, False))
         width_in = x.shape[-1] + (context.shape[-1] if has_context else 0)
         shortcut = x if width_in == self.width else dense("shortcut", x, has_context)
-        return act(name="act2")(h + shortcut)
+        return act(self.kernels, name="act2")(h + shortcut)
 
 
 def _train_call(block: DecoderBlock, x: jax.Array, latent: jax.Array, context: Any) -> jax.Array:
@@ -88,9 +89,9 @@ class Decoder(nn.Module):
       outputs: logits per location (1 for the binary task).
       dtype: computation dtype (parameters stay float32); logits are returned in float32.
       remat: in training, keep only each block's inputs for the backward pass and run the block again
-        there (`recomputed`): per location one array per block instead of about six (OSS-Net C,
-        2^14 locations: 3,454 -> 1,858 MiB for the update step, decoder training speed unchanged on
-        the 2-core CPU; benchmarks/NOTES.md). Same parameters and values. Needs dropout 0.
+        there (the kernel set's `recomputed`): per location one array per block instead of about
+        six. Same parameters and values. Needs dropout 0.
+      kernels: the resolved kernel set, 'xla' or 'cpu' (ossnet_jax/kernels).
     """
 
     width: int = 512
@@ -100,6 +101,7 @@ class Decoder(nn.Module):
     dropout: float = 0.0
     dtype: Any = jnp.float32
     remat: bool = False
+    kernels: str = "xla"
 
     @nn.compact
     def __call__(self, features: jax.Array, latents: jax.Array, train: bool) -> jax.Array:
@@ -121,10 +123,11 @@ class Decoder(nn.Module):
         for b in range(self.blocks):
             latent = latents[:, b + 1] if k > 1 else latents[:, 0]
             block = DecoderBlock(
-                self.width, self.activation, self.dropout, self.dtype, name=f"block{b}"
+                self.width, self.activation, self.dropout, self.dtype, self.kernels, name=f"block{b}"
             )
             context = latents[:, 0] if b == 0 else None
             if self.remat and train and not self.is_initializing():
+                recomputed = kernel_sets.get(self.kernels).recomputed
                 x = recomputed(block, _train_call, x, latent, context)
             else:
                 x = block(x, latent, train, context)

@@ -12,8 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ossnet_jax.models.conv import Conv3D
-from ossnet_jax.models.layers import BatchNorm, ResidualBlock3D, make_activation
+from ossnet_jax.models.layers import BatchNorm, Conv3D, ResidualBlock3D, make_activation
 
 
 def adaptive_max_pool(x: jax.Array, target: Sequence[int]) -> jax.Array:
@@ -34,12 +33,13 @@ class ConvBNAct(nn.Module):
     kernel: int = 5
     activation: str = "pau"
     dtype: Any = jnp.float32
+    kernels: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = Conv3D(self.features, self.kernel, use_bias=False, dtype=self.dtype, name="conv")(x)
-        act = make_activation(self.activation)(name="act")
-        return BatchNorm(self.dtype, name="bn")(x, train, act)
+        x = Conv3D(self.features, self.kernel, False, self.dtype, self.kernels, name="conv")(x)
+        act = make_activation(self.activation)(self.kernels, name="act")
+        return BatchNorm(self.dtype, self.kernels, name="bn")(x, train, act)
 
 
 class Encoder(nn.Module):
@@ -55,6 +55,7 @@ class Encoder(nn.Module):
         returned in float32.
       recompute_stem: in training, run the first convolution again in the backward pass instead of
         storing its output, the largest array of the encoder (train.remat = 'all').
+      kernels: the resolved kernel set, 'xla' or 'cpu' (ossnet_jax/kernels).
     """
 
     kind: str = "skip"
@@ -66,6 +67,7 @@ class Encoder(nn.Module):
     seg_channels: int = 1
     dtype: Any = jnp.float32
     recompute_stem: bool = False
+    kernels: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, Optional[jax.Array]]:
@@ -79,6 +81,7 @@ class Encoder(nn.Module):
                 self.activation,
                 self.dropout,
                 self.dtype,
+                self.kernels,
                 recompute_conv1=self.recompute_stem and i == 0,
                 name=f"block{i}",
             )
@@ -86,22 +89,31 @@ class Encoder(nn.Module):
             features.append(x)
         latent_grid = x.shape[1:4]
         if self.kind == "plain":
-            z = ConvBNAct(1, 5, self.activation, self.dtype, name="to_latent")(x, train)
+            z = ConvBNAct(1, 5, self.activation, self.dtype, self.kernels, name="to_latent")(x, train)
         else:
             pooled = [
                 ConvBNAct(
-                    max(f.shape[-1] // 2, 1), 5, self.activation, self.dtype, name=f"skip{i}"
+                    max(f.shape[-1] // 2, 1),
+                    5,
+                    self.activation,
+                    self.dtype,
+                    self.kernels,
+                    name=f"skip{i}",
                 )(adaptive_max_pool(f, latent_grid), train)
                 for i, f in enumerate(features)
             ]
-            z = ConvBNAct(self.num_latents, 5, self.activation, self.dtype, name="to_latent")(
+            z = ConvBNAct(
+                self.num_latents, 5, self.activation, self.dtype, self.kernels, name="to_latent"
+            )(
                 jnp.concatenate(pooled, axis=-1), train
             )
         batch, k = z.shape[0], z.shape[-1]
         latents = jnp.moveaxis(z, -1, 1).reshape(batch, k, -1).astype(jnp.float32)
         seg = None
         if self.seg_head:
-            seg = Conv3D(self.seg_channels, 5, dtype=self.dtype, name="seg_head")(x)
+            seg = Conv3D(
+                self.seg_channels, 5, dtype=self.dtype, kernels=self.kernels, name="seg_head"
+            )(x)
             seg = seg.astype(jnp.float32)
             if self.seg_channels == 1:
                 seg = seg[..., 0]

@@ -12,17 +12,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from ossnet_jax import kernels as kernel_sets
 from ossnet_jax.data.labels import label_spec
 from ossnet_jax.models.decoder import Decoder, decoder_inputs
 from ossnet_jax.models.encoder import Encoder
-from ossnet_jax.models.layers import mean_pool
 from ossnet_jax.models.patches import (
     PatchEncoder,
     gather_large_patches,
     gather_patches,
     pooled_parity_volumes,
 )
-from ossnet_jax.models.recompute import recomputed
 
 FOURIER_KEY = 0  # fixed seed of the random Fourier frequencies (they are not trained)
 
@@ -58,6 +57,8 @@ class OSSNet(nn.Module):
     # 'decoder' (its blocks), 'all' (the patch encoder and the encoder's first convolution too) or
     # 'none'; see `remat_mode`
     remat: str = "none"
+    # the resolved kernel set, 'xla' or 'cpu' (ossnet_jax/kernels; build_model resolves model.kernels)
+    kernels: str = "xla"
 
     def setup(self):
         self.encoder_net = Encoder(
@@ -70,10 +71,11 @@ class OSSNet(nn.Module):
             self.seg_channels,
             self.dtype,
             recompute_stem=self.remat == "all",
+            kernels=self.kernels,
         )
         if self.patches:
             self.patch_net = PatchEncoder(
-                self.patch_size, self.activation, self.dropout, self.dtype
+                self.patch_size, self.activation, self.dropout, self.dtype, self.kernels
             )
         self.decoder_net = Decoder(
             self.decoder_width,
@@ -83,6 +85,7 @@ class OSSNet(nn.Module):
             self.dropout,
             self.dtype,
             self.remat in ("decoder", "all"),
+            self.kernels,
         )
 
     def encode(self, volume_low: jax.Array, train: bool) -> tuple[jax.Array, Optional[jax.Array]]:
@@ -95,6 +98,7 @@ class OSSNet(nn.Module):
         """Logits (B, N[, O]) for locations (B, N, 3), patches (B, N, S, S, S, Cp), latents (B, K, L)."""
         features = None
         if self.patches and self.remat == "all" and train and not self.is_initializing():
+            recomputed = kernel_sets.get(self.kernels).recomputed
             features = recomputed(self.patch_net, _train_call, patches)
         elif self.patches:
             features = self.patch_net(patches, train)
@@ -129,7 +133,8 @@ def compute_dtype(name: str) -> Any:
 def build_model(config: ml_collections.ConfigDict, dtype: Optional[str] = None) -> OSSNet:
     """The model described by config.model for the grid and label mode of config.data.
 
-    It computes in `dtype` ('float32' | 'bfloat16'), by default config.train.dtype.
+    It computes in `dtype` ('float32' | 'bfloat16'), by default config.train.dtype, with the kernel
+    set model.kernels resolves to on this process's backend ('auto' when the key is absent).
     """
     m = config.model
     if m.name != "oss_net":
@@ -157,6 +162,7 @@ def build_model(config: ml_collections.ConfigDict, dtype: Optional[str] = None) 
         location_encoding=m.location_encoding,
         dtype=compute_dtype(config.train.get("dtype", "float32") if dtype is None else dtype),
         remat=remat_mode(config.train.get("remat", "none")),
+        kernels=kernel_sets.of_config(config),
     )
 
 
@@ -173,17 +179,16 @@ def remat_mode(value: Any) -> str:
     return value
 
 
-def downscale(volume: jax.Array, factor: int, train: bool = False) -> jax.Array:
+def downscale(volume: jax.Array, factor: int, train: bool = False, kernels: str = "xla") -> jax.Array:
     """Average-pools (B, X, Y, Z, C) by `factor` along every spatial axis: the encoder's input.
 
-    In training (prepare_inputs) it is `mean_pool`, one fused pass of strided slices (2 BraTS volumes:
-    13 against 26 ms for the reduce-window on the 2-core CPU); elsewhere the reduce-window, which
-    needs no temporary in forward-only programs. Both agree up to float rounding.
+    In training (prepare_inputs) it is the kernel set's `mean_pool`; elsewhere XLA's reduce-window,
+    which needs no temporary in forward-only programs. Both agree up to float rounding.
     """
     if factor == 1:
         return volume
     if train:
-        return mean_pool(volume, factor)
+        return kernel_sets.get(kernels).mean_pool(volume, factor)
     return nn.avg_pool(volume, (factor,) * 3, strides=(factor,) * 3)
 
 

@@ -3,21 +3,18 @@
 A location is an integer voxel index (x, y, z) of the padded full-resolution grid. Its patch of size S
 covers voxels l - S//2 ... l - S//2 + S - 1 along each axis; voxels outside the grid read as zero.
 
-The patch encoder's 'same' convolutions act on one S^3 patch at a time, so each is a fixed linear map
-R^(S^3 Cin) -> R^(S^3 Cout). We apply it as one matrix built from the kernel (parameters stay conv
-kernels): on the 2-core CPU this runs at 160-190 GFLOP/s against 0.4-5.8 GFLOP/s for XLA's 3D convolution on
-7^3 patches (benchmarks/NOTES.md), and tests check it against the convolution, gradients included.
+The patch encoder's 'same' convolutions act on one S^3 patch at a time, zero outside it (the kernel
+set's `patch_conv`: a 3D convolution of the patches in kernels/xla.py, one GEMM per layer on the CPU).
 """
 
-import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from ossnet_jax.models.layers import make_activation, over_rows
+from ossnet_jax import kernels as kernel_sets
+from ossnet_jax.models.layers import make_activation
 
 
 def gather_patches(volume: jax.Array, locations: jax.Array, size: int) -> jax.Array:
@@ -101,45 +98,18 @@ def gather_large_patches(parity: jax.Array, locations: jax.Array, size: int) -> 
     return jax.vmap(one)(locations)
 
 
-@functools.lru_cache(maxsize=8)
-def _conv_matrix_index(size: int, kernel: int) -> np.ndarray:
-    """(S^3, S^3) index into the flattened kernel (k^3 taps, plus one zero slot at k^3) for in -> out."""
-    c = kernel // 2
-    grid = np.stack(np.meshgrid(*[np.arange(size)] * 3, indexing="ij"), -1).reshape(-1, 3)
-    offset = grid[:, None, :] - grid[None, :, :] + c  # (in p, out q, 3): tap that maps p to q
-    valid = np.all((offset >= 0) & (offset < kernel), axis=-1)
-    flat = (offset[..., 0] * kernel + offset[..., 1]) * kernel + offset[..., 2]
-    return np.where(valid, flat, kernel**3).astype(np.int32)
-
-
-def conv_matrix(kernel: jax.Array, size: int) -> jax.Array:
-    """The 'same' convolution of an S^3 patch as a matrix.
-
-    Args:
-      kernel: (k, k, k, Cin, Cout) cross-correlation kernel (flax/XLA convention), k odd.
-      size: S.
-    Returns:
-      (S^3 Cin, S^3 Cout) matrix M with flatten(conv(p)) = flatten(p) @ M, flattening (S, S, S, C)
-      row-major.
-    """
-    k, cin, cout = kernel.shape[0], kernel.shape[3], kernel.shape[4]
-    taps = jnp.concatenate(
-        [kernel.reshape(k**3, cin, cout), jnp.zeros((1, cin, cout), kernel.dtype)]
-    )
-    m = taps[_conv_matrix_index(size, k)]  # (S^3, S^3, Cin, Cout)
-    return m.transpose(0, 2, 1, 3).reshape(size**3 * cin, size**3 * cout)
-
-
 class PatchConv(nn.Module):
-    """A 'same' k^3 convolution of S^3 patches applied as one GEMM. (..., S^3 Cin) -> (..., S^3 Cout).
+    """A 'same' k^3 convolution of each S^3 patch on its own: (..., S^3 Cin) -> (..., S^3 Cout), the
+    patches flattened row-major from (S, S, S, C).
 
-    Computed in `dtype` (the kernel and bias parameters stay float32).
+    Parameters as nn.Conv ('kernel' (k, k, k, Cin, features), 'bias'), float32; computed in `dtype`.
     """
 
     features: int
     size: int
     kernel: int
     dtype: Any = jnp.float32
+    kernels: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -147,9 +117,8 @@ class PatchConv(nn.Module):
         shape = (self.kernel,) * 3 + (cin, self.features)
         kern = self.param("kernel", nn.initializers.lecun_normal(), shape)
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        x = x.astype(self.dtype)
-        matrix = conv_matrix(kern, self.size).astype(self.dtype)
-        y = over_rows(lambda rows: rows @ matrix, x)
+        ops = kernel_sets.get(self.kernels)
+        y = ops.patch_conv(x.astype(self.dtype), kern.astype(self.dtype), self.size)
         return y + jnp.tile(bias.astype(self.dtype), self.size**3)
 
 
@@ -163,13 +132,17 @@ class PatchEncoder(nn.Module):
     activation: str = "pau"
     dropout: float = 0.0
     dtype: Any = jnp.float32
+    kernels: str = "xla"
 
     @nn.compact
     def __call__(self, patches: jax.Array, train: bool) -> jax.Array:
         size, channels = patches.shape[-2], patches.shape[-1]
         act = make_activation(self.activation)
         x = patches.reshape(*patches.shape[:-4], size**3 * channels)
-        conv = lambda features, name: PatchConv(features, size, self.kernel, self.dtype, name=name)
-        x = act(name="act1")(conv(max(channels // 2, 1), "conv1")(x))
+
+        def conv(features: int, name: str) -> PatchConv:
+            return PatchConv(features, size, self.kernel, self.dtype, self.kernels, name=name)
+
+        x = act(self.kernels, name="act1")(conv(max(channels // 2, 1), "conv1")(x))
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        return act(name="act2")(conv(1, "conv2")(x))
+        return act(self.kernels, name="act2")(conv(1, "conv2")(x))

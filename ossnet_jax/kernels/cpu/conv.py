@@ -6,17 +6,13 @@ k shifted copies of the volume along X as channels turns a k^3 convolution into 
 form's transpose. The kernel gradient is not taken from XLA: it lowers it to one convolution whose
 window spans the whole volume, ~0.7 s for the encoder's first layer on 2 volumes at 13 GFLOP/s. Here
 it is a sum over slabs of a few X-planes of one GEMM each, (k^3 Cin, slab voxels) @ (slab voxels,
-Cout), the channel-major columns of each slab built in cache. Parameters keep nn.Conv's names and
-shapes, so checkpoints of either form load into the other.
+Cout), the channel-major columns of each slab built in cache.
 """
 
-from typing import Any, Optional
-
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ossnet_jax.models.recompute import after_gradient
+from ossnet_jax.kernels.cpu.recompute import after_gradient
 
 # Bytes of one slab's im2col columns. 16 MiB gives the encoder's slab layers 2 X-planes per slab (8 MiB:
 # 1): on the Zen 5 machine block 0's first kernel gradient alone 253 -> 207 ms (medians of 3), the
@@ -108,11 +104,10 @@ def conv3d_kernel_grad(x: jax.Array, g: jax.Array, k: int) -> jax.Array:
     return total.reshape(k, k, k, cin, cout).astype(x.dtype)
 
 
-def conv3d_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
+def conv3d(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """'same' cross-correlation of (B, X, Y, Z, Cin) with a (k, k, k, Cin, Cout) kernel, k odd.
 
-    Equal to jax.lax.conv_general_dilated(x, kernel, (1, 1, 1), 'SAME') with NDHWC / DHWIO layouts,
-    gradients included; the kernel gradient is `conv3d_kernel_grad` from SLAB_MIN_VOXELS voxels on.
+    Equal to kernels/xla.conv3d (one lax.conv_general_dilated), gradients included; the kernel gradient is `conv3d_kernel_grad` from SLAB_MIN_VOXELS voxels on.
     Returns (B, X, Y, Z, Cout).
     """
     if kernel.shape[0] == 1:  # over (voxels, Cin) rows: see layers.over_rows
@@ -142,31 +137,3 @@ def _conv3d_bwd(residuals, g):
 
 
 _conv3d.defvjp(_conv3d_fwd, _conv3d_bwd)
-
-
-class Conv3D(nn.Module):
-    """Drop-in for nn.Conv(features, (k, k, k)) with 'SAME' padding on (B, X, Y, Z, Cin), via conv3d_same.
-
-    Parameters 'kernel' (k, k, k, Cin, features) and 'bias' (features,) as nn.Conv, float32; the
-    computation runs in `dtype`.
-    """
-
-    features: int
-    kernel_size: int
-    use_bias: bool = True
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def parameters(self, in_features: int) -> tuple[jax.Array, Optional[jax.Array]]:
-        """The float32 kernel (k, k, k, Cin, features) and bias (features,) or None, without running
-        the convolution: for callers that fuse it into another operation."""
-        shape = (self.kernel_size,) * 3 + (in_features, self.features)
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), shape)
-        if not self.use_bias:
-            return kernel, None
-        return kernel, self.param("bias", nn.initializers.zeros, (self.features,))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kernel, bias = self.parameters(x.shape[-1])
-        y = conv3d_same(x.astype(self.dtype), kernel.astype(self.dtype))
-        return y if bias is None else y + bias.astype(self.dtype)
