@@ -6,9 +6,11 @@
 Quick run: --points 2048 --repeats 2 --gemm 2048 --models oss_net_c --no-step.
 
 Writes benchmarks/results/throughput.json and throughput.md:
-  rows {"model", "points", "fwd_points_per_s", "train_points_per_s", "flops_per_point", "gemm_gflops",
-        "mfu"} for the BraTS preset (decoder 512 wide, 5 blocks, encoder (16, 32, 64, 128), 4 channels,
-        grid 256x256x160), one volume of `points` locations;
+  rows {"model", "points", "kernels", "fwd_points_per_s", "train_points_per_s", "flops_per_point",
+        "flops_per_point_all", "flops_per_point_xla", "gemm_gflops", "mfu"} for the BraTS preset
+        (decoder 512 wide, 5 blocks, encoder (16, 32, 64, 128), 4 channels, grid 256x256x160), one
+        volume of `points` locations;
+  "flops_source": where the FLOP counts come from (below);
   "step": the full jitted train step of OSS-Net C (augmentation, sampling, patches, encoder, decoder,
         loss, RAdam + Lookahead) for 2 volumes x `step_points` locations on that grid, in seconds, its
         two parts timed alone (prepare_inputs: augmentation, sampling, patches, downscaling;
@@ -16,11 +18,15 @@ Writes benchmarks/results/throughput.json and throughput.md:
         the prefetch thread), and the encoder's forward / forward + backward alone for those 2 volumes.
 fwd = decoder forward in evaluation mode (patch encoder included, given patches and latents);
 train = decoder forward + backward in training mode (batch statistics, gradients of the parameters
-and of the latents, no optimizer). flops_per_point is the analytic forward count of
-ossnet_jax/models/flops.py, gemm_gflops a float32 (n x n) @ (n x n) matmul, mfu = fwd FLOP/s / GEMM
-FLOP/s. Every time is the minimum over `repeats` (`step-repeats` for the train step and the encoder)
-runs after one compiling run. The GEMM is timed before
-every model and after the last; gemm_gflops is the best of these, so a busy moment does not inflate MFU.
+and of the latents, no optimizer). The FLOP counts are of that forward as the row's kernel set
+executes it (ossnet_jax/models/flops.py, `decoder_flops`, per-volume work spread over the locations):
+flops_per_point its matrix products and convolutions, flops_per_point_all with the elementwise work
+too, flops_per_point_xla XLA's own count (cost analysis) of the compiled forward that was timed, which
+flops_per_point_all should match. gemm_gflops is a float32 (n x n) @ (n x n) matmul and mfu = fwd
+locations/s x flops_per_point / GEMM FLOP/s: the products' share of the GEMM rate (the elementwise work
+runs in fused loops, not at GEMM speed). Every time is the minimum over `repeats` (`step-repeats` for
+the train step and the encoder) runs after one compiling run. The GEMM is timed before every model and
+after the last; gemm_gflops is the best of these, so a busy moment does not inflate MFU.
 """
 
 import argparse
@@ -35,12 +41,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from ossnet_jax import families, losses, runtime
-from ossnet_jax.models.flops import flops_per_point, latent_size
+from ossnet_jax import kernels as kernel_sets
+from ossnet_jax.models.flops import compiled_flops, decoder_flops, latent_size
 from ossnet_jax.models.oss_net import OSSNet, build_model, downscale
 from ossnet_jax.train_state import make_optimizer, patch_channels
 
 MODELS = ("o_net", "oss_net_a", "oss_net_b", "oss_net_c", "oss_net_d")
 RESULTS = pathlib.Path(__file__).parent / "results"
+FLOPS_SOURCE = (
+    "flops_per_point: ossnet_jax/models/flops.py decoder_flops(part='matmul') / points, the decoder"
+    " forward's matrix products and convolutions as the row's kernel set executes them;"
+    " flops_per_point_all: the same with the elementwise work (part='total');"
+    " flops_per_point_xla: XLA's cost_analysis()['flops'] of the compiled forward / points"
+)
 
 
 def min_seconds(fn: Callable, *args, repeats: int) -> float:
@@ -90,6 +103,13 @@ def decoder_rates(
 
     The second is None with train=False (the training program is then neither compiled nor run).
     """
+    measured = decoder_measurements(config, points, repeats, train)
+    return measured["fwd_points_per_s"], measured["train_points_per_s"]
+
+
+def decoder_measurements(config, points: int, repeats: int, train: bool = True) -> dict:
+    """{'fwd_points_per_s', 'train_points_per_s', 'fwd_xla_flops'} of one volume: `decoder_rates`'
+    two rates (the second None with train=False) and XLA's FLOP count of the timed forward program."""
     model = build_model(config)
     locs, patches, latents = decoder_inputs(config, points, jax.random.key(0))
     variables = jax.jit(
@@ -114,9 +134,12 @@ def decoder_rates(
         )
         return losses.bce(logits, target), mutated
 
-    fwd = min_seconds(jax.jit(forward), variables, locs, patches, latents, repeats=repeats)
+    compiled = jax.jit(forward).lower(variables, locs, patches, latents).compile()
+    measured = {"fwd_xla_flops": compiled_flops(compiled), "train_points_per_s": None}
+    fwd = min_seconds(compiled, variables, locs, patches, latents, repeats=repeats)
+    measured["fwd_points_per_s"] = points / fwd
     if not train:
-        return points / fwd, None
+        return measured
     grad = jax.grad(loss, argnums=(0, 1), has_aux=True)
     train_s = min_seconds(
         jax.jit(grad),
@@ -127,7 +150,8 @@ def decoder_rates(
         patches,
         repeats=repeats,
     )
-    return points / fwd, points / train_s
+    measured["train_points_per_s"] = points / train_s
+    return measured
 
 
 def step_setup(config, points: Optional[int]) -> tuple:
@@ -218,13 +242,19 @@ def markdown(result: dict) -> str:
         f"GEMM float32: {result['gemm_gflops']:.1f} GFLOP/s ({result['gemm_n']}^3); dtype"
         f" {result['dtype']}; times are minima over {result['repeats']} runs.",
         "",
-        "| model | points | fwd loc/s | train loc/s | MFLOP/loc | fwd GFLOP/s | MFU |",
-        "|---|---|---|---|---|---|---|",
+        "MFLOP/loc: the decoder forward's matrix products and convolutions as the kernel set executes"
+        " them (ossnet_jax/models/flops.py); all: with the elementwise work; XLA: XLA's cost analysis"
+        " of the timed program. fwd GFLOP/s and MFU (of the GEMM rate) use MFLOP/loc.",
+        "",
+        "| model | kernels | points | fwd loc/s | train loc/s | MFLOP/loc | all | XLA |"
+        " fwd GFLOP/s | MFU |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
-            f"| {r['model']} | {r['points']} | {r['fwd_points_per_s']:.0f} |"
+            f"| {r['model']} | {r['kernels']} | {r['points']} | {r['fwd_points_per_s']:.0f} |"
             f" {r['train_points_per_s']:.0f} | {r['flops_per_point'] / 1e6:.2f} |"
+            f" {r['flops_per_point_all'] / 1e6:.2f} | {r['flops_per_point_xla'] / 1e6:.2f} |"
             f" {r['fwd_points_per_s'] * r['flops_per_point'] / 1e9:.1f} | {r['mfu']:.1%} |"
         )
     if result.get("step"):
@@ -258,14 +288,19 @@ def main() -> None:
     for name in args.models.split(","):
         gemm_runs.append(gemm_gflops(args.gemm, args.repeats))
         config = model_config(name, args.dtype)
-        fwd, train = decoder_rates(config, args.points, args.repeats)
+        kernels = kernel_sets.of_config(config)
+        measured = decoder_measurements(config, args.points, args.repeats)
+        count = lambda part: decoder_flops(config, args.points, kernels=kernels, part=part)
         rows.append(
             {
                 "model": name,
                 "points": args.points,
-                "fwd_points_per_s": fwd,
-                "train_points_per_s": train,
-                "flops_per_point": flops_per_point(config)["total"],
+                "kernels": kernels,
+                "fwd_points_per_s": measured["fwd_points_per_s"],
+                "train_points_per_s": measured["train_points_per_s"],
+                "flops_per_point": count("matmul") / args.points,
+                "flops_per_point_all": count("total") / args.points,
+                "flops_per_point_xla": measured["fwd_xla_flops"] / args.points,
             }
         )
         print(json.dumps(rows[-1]), flush=True)
@@ -287,6 +322,7 @@ def main() -> None:
         "gemm_gflops": gemm,
         "gemm_runs_gflops": gemm_runs,
         "repeats": args.repeats,
+        "flops_source": FLOPS_SOURCE,
         "rows": rows,
         "step": step,
     }

@@ -2,7 +2,7 @@
 
 Run: python train.py --config configs/demo.py --workdir runs/demo
 Writes 40 synthetic cases to data/synthetic_brats on first use, trains on 32, evaluates densely on 8.
-Expected: validation mean Dice >= 0.85 within 15 minutes on a 2-core CPU.
+Expected: validation mean Dice >= 0.85; README.md gives the run's time and memory.
 """
 
 import ml_collections

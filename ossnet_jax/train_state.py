@@ -85,8 +85,8 @@ def init_state(
 ) -> TrainState:
     """Fresh parameters and optimizer state for one-volume input shapes of the config.
 
-    One compiled program: run op by op, the initialisation of even a tiny model took ~20 s on the
-    2-core CPU (every primitive compiled on its own).
+    One compiled program: run op by op, every primitive of the initialisation is compiled on its own,
+    which is slow even for a tiny model (docs/performance.md).
     """
     grid = tuple(config.data.grid_shape)
     d = config.data.downscale

@@ -1,12 +1,12 @@
 """3D 'same' convolution of volumes in the forms XLA's CPU backend runs fast.
 
-XLA:CPU runs 3D convolutions of the encoder's sizes at 1-11 GFLOP/s (benchmarks/NOTES.md). Stacking the
-k shifted copies of the volume along X as channels turns a k^3 convolution into a k^2 convolution over
-(Y, Z) with X folded into the batch, which XLA runs 3-9x faster there; the input gradient is that
+XLA:CPU runs 3D convolutions of the encoder's sizes far below its GEMM rate. Stacking the k shifted
+copies of the volume along X as channels turns a k^3 convolution into a k^2 convolution over (Y, Z)
+with X folded into the batch, which XLA:CPU runs several times faster; the input gradient is that
 form's transpose. The kernel gradient is not taken from XLA: it lowers it to one convolution whose
-window spans the whole volume, ~0.7 s for the encoder's first layer on 2 volumes at 13 GFLOP/s. Here
-it is a sum over slabs of a few X-planes of one GEMM each, (k^3 Cin, slab voxels) @ (slab voxels,
-Cout), the channel-major columns of each slab built in cache.
+window spans the whole volume, which runs slowly. Here it is a sum over slabs of a few X-planes of one
+GEMM each, (k^3 Cin, slab voxels) @ (slab voxels, Cout), the channel-major columns of each slab built
+in cache. Measurements: docs/performance.md, "Folded 3D convolution and slab kernel gradients".
 """
 
 import jax
@@ -14,12 +14,11 @@ import jax.numpy as jnp
 
 from ossnet_jax.kernels.cpu.recompute import after_gradient
 
-# Bytes of one slab's im2col columns. 16 MiB gives the encoder's slab layers 2 X-planes per slab (8 MiB:
-# 1): on the Zen 5 machine block 0's first kernel gradient alone 253 -> 207 ms (medians of 3), the
-# update step 2.20 -> 2.10 s (medians of 6 alternating processes; benchmarks/NOTES.md, tenth run).
+# Bytes of one slab's im2col columns: 2 X-planes per slab at the encoder's slab layers, which ran faster
+# than 1 (docs/performance.md).
 SLAB_BYTES = 16 * 2**20
-# Volumes with fewer voxels (X Y Z) keep XLA's kernel gradient: there it is as fast (0.03 s at 32x32x20)
-# and the slab loop only adds compile time (demo update step 16.5 s -> 31.5 s with slabs everywhere).
+# Volumes with fewer voxels (X Y Z) keep XLA's kernel gradient: there it is as fast, and the slab loop
+# only adds compile time (docs/performance.md).
 SLAB_MIN_VOXELS = 2**16
 
 
@@ -61,8 +60,7 @@ def conv3d_kernel_grad(x: jax.Array, g: jax.Array, k: int) -> jax.Array:
     shifted by (i Yp + j) Zp + m. A slab's columns (k^3 Cin, lattice voxels) are k^3 Cin row copies;
     g is padded at the high Y and Z ends to the same lattice, with zeros where a lattice voxel is no
     output voxel, and each slab adds columns @ g_slab (a GEMM contracting the slab's voxels). Row copies
-    replace the channels-last im2col's Cin-value pieces: encoder block 0's first kernel gradient
-    (2 x 128 x 128 x 80, 4 -> 16) 146 -> 104 ms alone on the 2-core CPU (benchmarks/NOTES.md).
+    replace the channels-last im2col's Cin-value pieces, which ran slower (docs/performance.md).
 
     Args:
       x: (B, X, Y, Z, Cin) input of the convolution.
@@ -129,7 +127,7 @@ def _conv3d_fwd(x, kernel):
 
 def _conv3d_bwd(residuals, g):
     # tied to g, the kernel gradient's padded and transposed copy of x is made in the backward pass;
-    # untied, XLA:CPU made it in the forward pass and kept it (block 0's first layer: 21 MiB)
+    # untied, XLA:CPU made it in the forward pass and kept it until the backward (docs/performance.md)
     x, kernel = (after_gradient(a, g) for a in residuals)
     _, transpose = jax.vjp(lambda v: _conv3d_folded(v, kernel), x)
     (dx,) = transpose(g)

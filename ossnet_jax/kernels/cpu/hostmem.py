@@ -2,12 +2,12 @@
 
 XLA:CPU allocates a program's buffers anew on every call. glibc serves allocations above its mmap
 threshold (at most 32 MiB) with a fresh mmap and unmaps them on free, so every train step page-faults
-its whole working set again, 4 KiB at a time: ~530,000 faults in one OSS-Net C update step at the
-official sizes. With the tunable glibc.malloc.hugetlb=1 (glibc >= 2.35, Linux transparent huge pages
-in 'madvise' or 'always' mode) malloc backs them with 2 MiB pages: ~4,000 faults, update step
-4.63-4.80 -> 4.05-4.18 s and prepare_inputs 0.71-0.97 -> 0.51-0.54 s (benchmarks/NOTES.md). glibc reads
-its tunables once at process start, hence the re-execution. Set OSSNET_HUGE_PAGES=0 to keep the
-process as started. This module imports nothing heavy, so entry points call it first.
+its whole working set again, 4 KiB at a time. With the tunable glibc.malloc.hugetlb=1 (glibc >= 2.35,
+Linux transparent huge pages in 'madvise' or 'always' mode) malloc backs them with 2 MiB pages, far
+fewer faults, and the update step and prepare_inputs run faster (docs/performance.md,
+"Transparent huge pages re-execution"). glibc reads its tunables once at process start, hence the
+re-execution. Set OSSNET_HUGE_PAGES=0 to keep the process as started. This module imports nothing
+heavy, so entry points call it first.
 """
 
 import os

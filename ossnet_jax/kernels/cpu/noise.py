@@ -19,8 +19,8 @@ def threefry2x32(
 
     key: two uint32 scalars; x0, x1: uint32 counters of one shape. Returns the two output words.
     Written out round by round, XLA fuses it into one vectorised loop; jax's own lowering for the CPU
-    is a rolled loop that passes the arrays through memory five times (BraTS volume's 10.5 M counter
-    pairs: 34 ms against 97 ms on the 2-core CPU; the same bits, see tests/test_sampling.py).
+    is a rolled loop that passes the arrays through memory five times, which runs slower
+    (docs/performance.md, "Hand-written threefry noise"). The same bits, see tests/test_sampling.py.
     """
     k0, k1 = key
     ks = (k0, k1, k0 ^ k1 ^ jnp.uint32(0x1BD11BDA))
@@ -43,10 +43,9 @@ def gaussian_noise(key: jax.Array, x: jax.Array, std: float) -> jax.Array:
     up to even), so the hashing costs half. Each value is sqrt(2) erfinv(2u - 1) of a uniform u of the
     word's top 23 bits, clipped to the open interval as jax.random.normal does. The two halves of x
     are noised separately and joined, the form XLA:CPU fuses into vectorised loops (joining the noise
-    first took longer than jax.random.normal). With `threefry2x32` written out, the noise of a BraTS
-    volume (256 x 256 x 160 x 4) takes 0.12 s against 0.27 s for jax.random.normal on the 2-core CPU
-    (benchmarks/NOTES.md). Keys of another PRNG implementation use jax.random.normal. Returns x's
-    shape and dtype (the noise is float32).
+    first took longer than jax.random.normal). With `threefry2x32` written out, the noise of a volume
+    takes less time than jax.random.normal's (docs/performance.md). Keys of another PRNG
+    implementation use jax.random.normal. Returns x's shape and dtype (the noise is float32).
     """
     if str(jax.random.key_impl(key)) != "threefry2x32":
         return x + std * jax.random.normal(key, x.shape, jnp.float32).astype(x.dtype)

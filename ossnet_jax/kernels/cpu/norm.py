@@ -20,7 +20,7 @@ from ossnet_jax.kernels.xla import pau_terms as _pau_terms
 
 # The PAU backward's coefficient sums keep at least this many rows (leading values of x, or a reshape
 # into rows): XLA:CPU reduces one row per thread, where a reduction to a scalar ran on one core
-# (encoder block 0: 385 -> 219 ms).
+# (docs/performance.md, "PAU custom backward").
 REDUCTION_ROWS = 16
 
 
@@ -50,10 +50,10 @@ def pau(x: jax.Array, numerator: jax.Array, denominator: jax.Array) -> jax.Array
     """Safe Pade activation unit: P(x) / (1 + sum_j |b_j x^j|), P of degree 5, Q of degree 4.
 
     The backward pass is hand-written so that the ten coefficient gradients are one variadic
-    reduction (a single pass over x, accumulated in float32) instead of ten, over rows so that both
+    reduction (a single pass over x, accumulated in float32) instead of ten, over rows so that all
     cores work on it. The rows are x's leading axes where they hold REDUCTION_ROWS values or more, a
     reshape of x otherwise: with the reshape, the fused producers (pooling backward, batch norm) index
-    x through a flat index, and the encoder's forward + backward ran ~5 % slower (benchmarks/NOTES.md).
+    x through a flat index, and the encoder's forward + backward ran slower (docs/performance.md).
 
     Args:
       x: any shape.
@@ -80,8 +80,7 @@ def _pau_input_grad(
     |x|: s_j x^j = sign(b_j) |x|^j where b_j != 0 (x^j where b_j = 0), and Q' = sign(x) sum_j j |b_j|
     |x|^(j-1), with sign(0) = sign(b_1), the only term left at x = 0. Written as running products,
     the terms fuse into one loop over x and g; with the powers shared between the terms, signs and Q',
-    XLA:CPU wrote x^3 and x^4 to memory first (encoder block 0's sums 55 -> 27 ms on the 2-core CPU,
-    benchmarks/NOTES.md).
+    XLA:CPU wrote x^3 and x^4 to memory first, a slower form (docs/performance.md).
     """
     p, q = _pau_terms(x, numerator, denominator)
     dp = 5.0 * numerator[5]
@@ -111,7 +110,7 @@ def _pau_input_grad(
 
 
 def _coefficient_sums(terms: list[jax.Array]) -> jax.Array:
-    """(10,) float32 sums of `_pau_input_grad`'s terms, over rows so that both cores work on them."""
+    """(10,) float32 sums of `_pau_input_grad`'s terms, over rows so that all cores work on them."""
     keep = _leading_axes(terms[0].shape)
     if keep == 0:
         rows = math.gcd(terms[0].size, REDUCTION_ROWS)
@@ -125,10 +124,10 @@ def _after_gradient(g: jax.Array, *arrays: jax.Array) -> tuple[jax.Array, ...]:
     """A backward rule's residuals, tied to its incoming gradient g (`after_gradient`).
 
     Every large value of the backward pass is then computable only once g exists. Untied, XLA:CPU
-    computed the PAU's 1 / Q during the forward pass and kept it until the backward (five encoder
-    layers, 120 MiB at OSS-Net C's update-step peak). Tying the coefficients alone was worse: the
-    backward's powers of x were then shared with the forward's and kept (3D U-Net train step
-    3,787 -> 4,766 MiB), so `pau` ties x as well (-> 2,961 MiB; benchmarks/NOTES.md).
+    computed the PAU's 1 / Q during the forward pass and kept it until the backward, at the update
+    step's memory peak. Tying only the coefficients was worse: the backward's powers of x were then
+    shared with the forward's and kept, so `pau` ties x as well (docs/performance.md, "Gradient
+    ties").
     """
     return tuple(after_gradient(a, g) for a in arrays)
 
@@ -165,8 +164,7 @@ def conditional_batch_norm_train(
 
     The backward pass is one pass over x and g for the input gradient, dx = g a + k1 x + k0 with
     per-volume a and scalar k0, k1, after two location sums; autodiff of the statistics added three
-    contributions there, each a pass over memory: OSS-Net C's decoder forward + backward at 8,192
-    locations 0.88-0.92 -> 0.81-0.84 s on the 2-core CPU (benchmarks/NOTES.md).
+    contributions there, each a pass over memory (docs/performance.md, "Conditional batch norm").
 
     Args:
       x: (B, N, F) location features, any float dtype; statistics in float32.
@@ -211,7 +209,7 @@ def scale_shift(x: jax.Array, a: jax.Array, c: jax.Array) -> jax.Array:
     """x * a + c per volume: x (B, N, F), a and c (B, F). Returns (B, N, F).
 
     The backward pass sums over the N locations with a product by a vector of ones, a GEMV, where
-    XLA:CPU's own reduction over a non-minor axis ran ~30x slower (benchmarks/NOTES.md).
+    XLA:CPU's own reduction over a non-minor axis ran many times slower (docs/performance.md).
     """
     return x * a[:, None, :] + c[:, None, :]
 
@@ -234,8 +232,8 @@ def mean_pool(x: jax.Array, factor: int) -> jax.Array:
     """Mean over factor^3 cells of (B, X, Y, Z, C), each axis divisible by factor: (B, X/f, Y/f, Z/f, C).
 
     Equal to nn.avg_pool(x, (f, f, f), strides=(f, f, f)) up to float rounding, as a sum of the f^3
-    strided slices, which XLA:CPU fuses into one pass: 2 x 256 x 256 x 160 x 4 values in 16 ms against
-    52 ms for its reduce-window (benchmarks/NOTES.md). Used on the input volume (prepare_inputs).
+    strided slices, which XLA:CPU fuses into one pass, faster than its reduce-window
+    (docs/performance.md). Used on the input volume (prepare_inputs).
     """
     if any(n % factor for n in x.shape[1:4]):
         raise ValueError(f"cannot mean-pool spatial shape {x.shape[1:4]} by {factor}")
@@ -250,14 +248,13 @@ def mean_pool(x: jax.Array, factor: int) -> jax.Array:
 def avg_pool2(x: jax.Array) -> jax.Array:
     """Average pooling by 2 along every spatial axis of (B, X, Y, Z, C); X, Y, Z must be even.
 
-    The forward pass is a sum over the cell axes of a reshape: after encoder block 0's BN + PAU on
-    2 x 128 x 128 x 80 x 16 it runs in 32 ms against 53 ms for `mean_pool`'s strided slices, and as a
-    reduction XLA:CPU does not fuse it into the pooled value's consumers, so the kernel gradient of the
-    next convolution reads the pooled array instead of keeping the 8x larger PAU output (OSS-Net C
-    update step 851 -> 782 MiB; benchmarks/NOTES.md). The backward pass spreads each gradient over
-    its 2^3 cell as a broadcast, which XLA:CPU fuses into the consumer; the transpose of the pooling
-    window it derives itself took 253 ms at the encoder's first block (2 x 128 x 128 x 80 x 16) in the
-    OSS-Net C update step (benchmarks/NOTES.md).
+    The forward pass is a sum over the cell axes of a reshape: after encoder block 0's BN + PAU it
+    runs faster than `mean_pool`'s strided slices, and as a reduction XLA:CPU does not fuse it into
+    the pooled value's consumers, so the kernel gradient of the next convolution reads the pooled
+    array instead of keeping the 8x larger PAU output. The backward pass spreads each gradient over
+    its 2^3 cell as a broadcast, which XLA:CPU fuses into the consumer, where the transpose of the
+    pooling window it derives itself is a slow padded, dilated reduce-window. Measurements:
+    docs/performance.md, "`mean_pool` and `avg_pool2`".
     """
     if any(n % 2 for n in x.shape[1:4]):
         raise ValueError(f"avg_pool2 needs even spatial sizes, got {x.shape[1:4]}")
@@ -283,8 +280,8 @@ def _channel_sums(arrays: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
     """Per-channel float32 sums of (B, X, ..., C) arrays over every axis but the last, in one pass.
 
     One variadic reduction that keeps the leading (B, X) axes as rows, then a small sum: XLA:CPU
-    splits a reduction to (C,) into a tree of reduce-windows, 2 x 51.8 ms for the two statistics of
-    encoder block 0 (2 x 128 x 128 x 80 x 16) against 30.6 ms for both this way (benchmarks/NOTES.md).
+    splits a reduction to (C,) into a tree of reduce-windows, one per statistic, slower than both
+    this way (docs/performance.md, "One-pass batch norm").
     """
     arrays = tuple(a.astype(jnp.float32) for a in arrays)
     keep = min(2, arrays[0].ndim - 1)
@@ -383,8 +380,8 @@ def batch_norm_pau(
     """pau(batch_norm_train(x) + shortcut) as one operation whose backward pass keeps only x.
 
     The normalised x is recomputed in the backward pass (one multiply-add per value) instead of being
-    stored: with the PAU backward's new form, OSS-Net C's update step at 2^14 locations compiles to
-    974.5 instead of 1,309.8 MiB (benchmarks/NOTES.md, twelfth run).
+    stored, which lowers the update step's compiled memory (docs/performance.md, "One-pass batch
+    norm").
 
     Args:
       x: (B, X, ..., C), any float dtype; statistics in float32.
@@ -447,10 +444,8 @@ def conv_batch_norm_pau(
     """batch_norm_pau(conv3d(x, kernel)) whose backward pass runs the convolution again.
 
     Only x and the kernel are kept, not the convolution's output: at the encoder's first layer that
-    is 4 instead of 16 channels on the largest grid (OSS-Net C update step at 2^14 locations
-    781 -> 706 MiB, for one more 4 -> 16 convolution, ~105 ms on 2 volumes: the update step of
-    2 x 4096 locations took 0.05-0.13 s longer in alternating runs on the 2-core CPU;
-    benchmarks/NOTES.md).
+    is 4 instead of 16 channels on the largest grid, less memory at the update step's peak for one
+    more 4 -> 16 convolution per step (docs/performance.md, "One-pass batch norm").
 
     Args:
       x: (B, X, Y, Z, Cin), any float dtype.

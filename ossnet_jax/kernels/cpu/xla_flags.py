@@ -1,24 +1,19 @@
 """XLA:CPU flags of the entry points: YNNPACK's fusions off, and reassociation for vectorised loops.
 
 1. YNNPACK off (`--xla_cpu_experimental_ynn_fusion_type=`), so dots run in XLA's Eigen GEMM. jaxlib 0.10
-   hands XLA:CPU's dot products (and some elementwise and reduction fusions) to YNNPACK by default. On
-   the 2-core AMD EPYC Zen 5 (family 26), medians of 3 alternating rounds of `python -m
-   benchmarks.xla_flags`, one process each, OSS-Net C at the official sizes (2 x 4096 locations): update
-   step 2.97 -> 2.50 s, prepare_inputs 0.52 -> 0.42 s, the demo's inference decoder 78,800 -> 109,000
-   locations/s. On a Zen 4 (family 25), one round: update 4.93 -> 4.67 s, decoder forward 18,475 ->
-   20,212 locations/s. XNNPACK or oneDNN dots were no better.
+   hands XLA:CPU's dot products (and some elementwise and reduction fusions) to YNNPACK, whose GEMM
+   was the slower one in `python -m benchmarks.xla_flags` (update step, prepare_inputs and inference
+   decoder alike); XNNPACK or oneDNN dots were no better than Eigen's.
 2. Reassociation (REASSOCIATION). Without it LLVM keeps the sequential order of every floating-point
    sum, so the loop of a reduction fusion is scalar code. That is the PAU backward's ten coefficient
-   sums, the BatchNorm sums, and the weight gradients fused into reductions: encoder block 0's PAU
-   backward reduction took 364 ms of the update step, 38 ms with reassociation, and its BatchNorm
-   backward reduction 327 -> 107 ms (profile, Zen 4). Medians of 2 alternating rounds on the Zen 5,
-   with YNNPACK off in both: update step 2.26 -> 2.01 s, prepare 0.41 -> 0.38 s, decoder forward +
-   backward 8,227 -> 8,809 locations/s, the demo's train step 0.292 -> 0.260 s (benchmarks/NOTES.md,
-   tenth run; the Zen 4 comparison of the ninth run, update 4.79 -> 3.78 s, was measured while these
-   flags let XLA fold away train.remat's recomputation, see models/recompute.after_gradient, and is
-   an upper bound). NaN, Inf, exact division and exact library functions stay honoured, so isfinite,
+   sums, the BatchNorm sums, and the weight gradients fused into reductions, whose loops vectorise
+   with it; the update step, prepare_inputs and the decoder's forward + backward all ran faster.
+   kernels/cpu/recompute.after_gradient keeps these flags from folding away train.remat's
+   recomputation. NaN, Inf, exact division and exact library functions stay honoured, so isfinite,
    the NaN/Inf guard of the update and exp/log/tanh mean what they did; sums change by float32
    rounding only (as on GPUs, whose reductions are trees).
+
+The measurements of both are in docs/performance.md, "XLA:CPU flags".
 
 The flags only name XLA:CPU options, so accelerator programs are untouched.
 
