@@ -63,6 +63,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ossnet_jax import evaluation, families, files, runtime, training, unet_inference
+from ossnet_jax.kernels import NAMES, resolve
 from ossnet_jax.train_state import make_optimizer
 
 GRIDS = {  # name -> (shape, preset, data.downscale of the occupancy networks)
@@ -81,12 +82,16 @@ DEFAULT_PLAN = (  # (models, grids, log2 points): every model at 2^14, the sweep
 MIB = 2**20
 
 
-def make_config(model: str, grid: str, points: int) -> ml_collections.ConfigDict:
-    """configs/<model>.py at the grid's preset and shape, one volume per step, `points` locations."""
+def make_config(
+    model: str, grid: str, points: int, kernels: str = "auto"
+) -> ml_collections.ConfigDict:
+    """configs/<model>.py at the grid's preset and shape, one volume per step, `points` locations,
+    the kernel set `kernels` (model.kernels)."""
     shape, preset, downscale = GRIDS[grid]
     module = "unet3d" if model == "unet3d_whole" else model
     config = importlib.import_module(f"configs.{module}").get_config(preset)
     config.data.grid_shape = shape
+    config.model.kernels = kernels
     config.train.batch_size = 1
     if model in OCCUPANCY:
         config.data.downscale = downscale
@@ -108,9 +113,9 @@ class Program:
     args: tuple
 
 
-def programs(model: str, grid: str, points: int) -> dict[str, Program]:
+def programs(model: str, grid: str, points: int, kernels: str = "auto") -> dict[str, Program]:
     """The programs measured for one (model, grid, points), by name (see the module docstring)."""
-    config = make_config(model, grid, points)
+    config = make_config(model, grid, points, kernels)
     family = families.get_family(config)
     net = family.build_model(config)
     tx = make_optimizer(config)
@@ -215,9 +220,9 @@ def _zeros(shapes: Any) -> Any:
     return jax.tree.map(make, shapes)
 
 
-def run_phase(model: str, grid: str, points: int, phase: str) -> dict:
+def run_phase(model: str, grid: str, points: int, phase: str, kernels: str = "auto") -> dict:
     """Compiles and runs one row's programs on zeros in this process; maxrss before and after, bytes."""
-    found = programs(model, grid, points)
+    found = programs(model, grid, points, kernels)
     start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if phase == "infer" and "decode" in found:
         encode, decode = found["encode"], found["decode"]
@@ -233,7 +238,7 @@ def run_phase(model: str, grid: str, points: int, phase: str) -> dict:
 
 def measure_rss(row: dict, timeout: float) -> dict:
     """run_phase of a row in a fresh Python process; {} (and a note on stderr) if it fails."""
-    spec = {k: row[k] for k in ("model", "grid_name", "points", "phase")}
+    spec = {k: row[k] for k in ("model", "grid_name", "points", "phase", "kernels")}
     command = [sys.executable, "-m", "benchmarks.memory", "--child", json.dumps(spec)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=True)
@@ -243,11 +248,13 @@ def measure_rss(row: dict, timeout: float) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def rows_of(model: str, grid: str, points: int, cache: dict) -> list[dict]:
+def rows_of(
+    model: str, grid: str, points: int, cache: dict, kernels: str = "auto"
+) -> list[dict]:
     """The rows of one (model, grid, points); programs that do not depend on `points` compile once."""
-    found = programs(model, grid, points)
+    found = programs(model, grid, points, kernels)
     shape = list(GRIDS[grid][0])
-    base = {"model": model, "grid": shape, "grid_name": grid}
+    base = {"model": model, "grid": shape, "grid_name": grid, "kernels": resolve(kernels)}
 
     def sizes(name: str) -> dict:
         key = (model, grid, None if name == "encode" or model not in OCCUPANCY else points, name)
@@ -256,7 +263,7 @@ def rows_of(model: str, grid: str, points: int, cache: dict) -> list[dict]:
         return cache[key]
 
     if model not in OCCUPANCY:
-        config = make_config(model, grid, points)
+        config = make_config(model, grid, points, kernels)
         infer_voxels = int(np.prod(found["infer"].args[1].shape[:-1]))
         voxels = {
             "train": families.get_family(config).outputs_per_step(config),
@@ -475,12 +482,17 @@ def main() -> None:
     parser.add_argument("--rss_timeout", type=float, default=600.0, help="seconds per row")
     parser.add_argument("--out", default="benchmarks/results/memory")
     parser.add_argument("--append", action="store_true", help="keep OUT.json's other rows")
+    parser.add_argument("--kernels", default="auto", choices=NAMES, help="model.kernels")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # one row's run_phase, for --rss
     args = parser.parse_args()
     if args.child:
         spec = json.loads(args.child)
         print(
-            json.dumps(run_phase(spec["model"], spec["grid_name"], spec["points"], spec["phase"]))
+            json.dumps(
+                run_phase(
+                    spec["model"], spec["grid_name"], spec["points"], spec["phase"], spec["kernels"]
+                )
+            )
         )
         return
 
@@ -489,10 +501,10 @@ def main() -> None:
     if args.append and out.with_suffix(".json").exists():
         rows = json.loads(out.with_suffix(".json").read_text())
     for model, grid, points in plan(args):
-        for row in rows_of(model, grid, points, cache):
+        for row in rows_of(model, grid, points, cache, args.kernels):
             if args.rss:
                 row.update(measure_rss(row, args.rss_timeout))
-            key = lambda r: (r["model"], r["grid_name"], r["points"], r["phase"])
+            key = lambda r: (r["model"], r["grid_name"], r["points"], r["phase"], r.get("kernels"))
             rows = [r for r in rows if key(r) != key(row)] + [row]
             files.write_json(
                 out.with_suffix(".json"), rows
