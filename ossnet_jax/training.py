@@ -78,12 +78,13 @@ def prepare_inputs(
     t = config.train
     k_aug, k_loc, _ = jax.random.split(jax.random.fold_in(rng, step), 3)
     b = batch["image"].shape[0]
+    kernels = kernel_sets.of_config(config)
     image, target, band = augment.augment_batch(
-        k_aug, batch["image"], batch["target"], batch["band"], t, kernel_sets.of_config(config)
+        k_aug, batch["image"], batch["target"], batch["band"], t, kernels
     )
-    locs = jax.vmap(lambda k, d: sampling.sample_locations(k, d, t.num_points, t.border_fraction))(
-        jax.random.split(k_loc, b), band
-    )
+    locs = jax.vmap(
+        lambda k, d: sampling.sample_locations(k, d, t.num_points, t.border_fraction, kernels)
+    )(jax.random.split(k_loc, b), band)
     low, patches = model_inputs(config, image, locs)
     inputs = {"low": low, "locations": locs, "index": jax.vmap(sampling.take_at)(target, locs)}
     if patches is not None:

@@ -3,9 +3,11 @@
 import jax
 import jax.numpy as jnp
 
+from ossnet_jax import kernels as kernel_sets
+
 
 def sample_locations(
-    rng: jax.Array, band: jax.Array, num_points: int, border_fraction: float
+    rng: jax.Array, band: jax.Array, num_points: int, border_fraction: float, kernels: str = "xla"
 ) -> jax.Array:
     """Draws integer voxel locations of one volume, with replacement.
 
@@ -14,6 +16,7 @@ def sample_locations(
       band: (X, Y, Z) bool border band; when it is empty, its share is drawn uniformly too.
       num_points: N.
       border_fraction: share of the N locations drawn uniformly from the band (static).
+      kernels: the resolved kernel set whose `searchsorted` finds the band voxels (same result).
     Returns:
       (N, 3) int32 voxel indices; the first round(N f) come from the band.
     """
@@ -26,7 +29,7 @@ def sample_locations(
         counts = jnp.cumsum(band.reshape(-1).astype(jnp.int32))
         total = counts[-1]
         u = jax.random.randint(k_border, (n_border,), 0, jnp.maximum(total, 1), dtype=jnp.int32)
-        from_band = jnp.searchsorted(counts, u, side="right").astype(jnp.int32)
+        from_band = kernel_sets.get(kernels).searchsorted(counts, u, "right").astype(jnp.int32)
         flat = flat.at[:n_border].set(jnp.where(total > 0, from_band, flat[:n_border]))
     return jnp.stack(jnp.unravel_index(flat, shape), axis=-1).astype(jnp.int32)
 

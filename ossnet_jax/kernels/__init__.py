@@ -33,6 +33,7 @@ OPERATIONS = (
     "pau",
     "recomputed",
     "scale_shift",
+    "searchsorted",
 )
 # distributions that bring a JAX accelerator backend (PJRT plugins and libtpu)
 _ACCELERATOR_PREFIXES = ("jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm", "libtpu")

@@ -166,6 +166,12 @@ def gaussian_noise(key: jax.Array, x: jax.Array, std: float) -> jax.Array:
     return x + std * jax.random.normal(key, x.shape, jnp.float32).astype(x.dtype)
 
 
+def searchsorted(a: jax.Array, v: jax.Array, side: str = "left") -> jax.Array:
+    """Insertion indices of v (any shape) in the sorted 1-D a, as jnp.searchsorted, with an unrolled
+    binary search (method 'scan_unrolled', no while loop)."""
+    return jnp.searchsorted(a, v, side=side, method="scan_unrolled")
+
+
 def patch_conv(x: jax.Array, kernel: jax.Array, size: int) -> jax.Array:
     """'same' k^3 convolution of flattened S^3 patches: (..., S^3 Cin) -> (..., S^3 Cout).
 

@@ -15,6 +15,7 @@ from ossnet_jax.kernels.cpu.norm import (
 )
 from ossnet_jax.kernels.cpu.patch_conv import patch_conv
 from ossnet_jax.kernels.cpu.recompute import recomputed
+from ossnet_jax.kernels.cpu.search import searchsorted
 
 __all__ = [
     "avg_pool2",
@@ -29,4 +30,5 @@ __all__ = [
     "pau",
     "recomputed",
     "scale_shift",
+    "searchsorted",
 ]
