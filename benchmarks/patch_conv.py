@@ -13,7 +13,7 @@ import time
 
 import jax
 
-from ossnet_jax.models.patches import conv_matrix
+from ossnet_jax.kernels.cpu.patch_conv import conv_matrix
 
 
 def _time(fn, *args, repeats: int = 5) -> float:

@@ -1,4 +1,5 @@
-"""The encoder's 3D convolution as a 2D convolution equals XLA's 3D convolution (nn.Conv), with gradients."""
+"""Conv3D of both kernel sets equals XLA's 3D convolution (nn.Conv), with gradients; the CPU set's
+slab kernel gradient equals a float64 loop over taps."""
 
 import flax.linen as nn
 import jax
@@ -6,16 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ossnet_jax.models import conv
-from ossnet_jax.models.conv import Conv3D
+from ossnet_jax.kernels.cpu import conv
+from ossnet_jax.models.layers import Conv3D
 
 
+@pytest.mark.parametrize("kernels", ["xla", "cpu"])
 @pytest.mark.parametrize("kernel,use_bias", [(3, False), (5, True), (1, True)])
-def test_conv3d_equals_nn_conv_with_gradients(kernel, use_bias):
+def test_conv3d_equals_nn_conv_with_gradients(kernel, use_bias, kernels):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(2, 6, 5, 4, 3)), jnp.float32)
     weight = jnp.asarray(rng.normal(size=(2, 6, 5, 4, 4)), jnp.float32)
-    ours = Conv3D(4, kernel, use_bias=use_bias)
+    ours = Conv3D(4, kernel, use_bias=use_bias, kernels=kernels)
     plain = nn.Conv(4, (kernel,) * 3, use_bias=use_bias)
     params = ours.init(jax.random.key(0), x)["params"]
     reference_shapes = jax.tree.map(jnp.shape, plain.init(jax.random.key(0), x)["params"])
@@ -39,7 +41,8 @@ def test_conv3d_equals_nn_conv_with_gradients(kernel, use_bias):
     [(3, 1, 1), (3, 2 * 7 * 6 * 27 * 3 * 4, 2), (3, 2**30, 6), (5, 3 * 9 * 8 * 125 * 3 * 4, 3)],
 )
 def test_kernel_gradient_summed_over_slabs_matches_numpy(monkeypatch, k, slab_bytes, planes):
-    """The slab-wise GEMM kernel gradient equals a float64 loop over taps, whatever the slab size."""
+    """CPU set internals: the slab-wise GEMM kernel gradient equals a float64 loop over taps,
+    whatever the slab size, alone and as the kernel gradient of the CPU set's conv3d."""
     monkeypatch.setattr(conv, "SLAB_BYTES", slab_bytes)
     monkeypatch.setattr(conv, "SLAB_MIN_VOXELS", 0)  # the slab path also for this small volume
     rng = np.random.default_rng(1)
@@ -57,7 +60,7 @@ def test_kernel_gradient_summed_over_slabs_matches_numpy(monkeypatch, k, slab_by
     )
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
     kernel = jnp.asarray(rng.normal(size=(k, k, k, 3, 2)), jnp.float32)
-    _, vjp = jax.vjp(lambda w: conv.conv3d_same(jnp.asarray(x, jnp.float32), w), kernel)
+    _, vjp = jax.vjp(lambda w: conv.conv3d(jnp.asarray(x, jnp.float32), w), kernel)
     np.testing.assert_allclose(
         np.asarray(vjp(jnp.asarray(g, jnp.float32))[0]), expected, rtol=1e-5, atol=1e-5
     )

@@ -7,7 +7,9 @@ import pytest
 
 from ossnet_jax.models.decoder import Decoder, DecoderBlock, SplitDense
 from ossnet_jax.models.oss_net import OSSNet, remat_mode
-from ossnet_jax.models.recompute import after_gradient
+from ossnet_jax.kernels.cpu.recompute import after_gradient
+
+KERNELS = ["xla", "cpu"]
 
 
 def _random_like(tree, seed):
@@ -51,13 +53,14 @@ def test_split_dense_equals_dense_of_the_concatenation_with_gradients():
         np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("num_latents", [1, 3])
-def test_decoder_equals_blocks_on_the_concatenated_input(num_latents):
+def test_decoder_equals_blocks_on_the_concatenated_input(num_latents, kernels):
     """Same parameters through plain DecoderBlocks fed [features | latent 0] at every location."""
     rng = np.random.default_rng(2)
     features = jnp.asarray(rng.normal(size=(2, 11, 5)), jnp.float32)
     latents = jnp.asarray(rng.normal(size=(2, num_latents, 4)), jnp.float32)
-    decoder = Decoder(width=8, blocks=2)
+    decoder = Decoder(width=8, blocks=2, kernels=kernels)
     variables = decoder.init(jax.random.key(0), features, latents, train=False)
     assert variables["params"]["block0"]["dense1"]["kernel"].shape == (9, 8)
     params = _random_like(variables["params"], 3)
@@ -77,7 +80,7 @@ def test_decoder_equals_blocks_on_the_concatenated_input(num_latents):
         x = jnp.concatenate([features, jnp.broadcast_to(latents[:, :1], (2, 11, 4))], -1)
         for b in range(2):
             latent = latents[:, b + 1] if num_latents > 1 else latents[:, 0]
-            x, _ = DecoderBlock(8).apply(
+            x, _ = DecoderBlock(8, kernels=kernels).apply(
                 {"params": params[f"block{b}"], "batch_stats": stats[f"block{b}"]},
                 x,
                 latent,
@@ -110,13 +113,16 @@ def _training_grad(model, batch_stats):
     return jax.grad(loss, argnums=(0, 1, 2), has_aux=True)
 
 
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("num_latents", [1, 4])
-def test_recomputed_blocks_give_the_same_values_gradients_and_statistics(num_latents):
-    """remat=True stores only block inputs and runs the blocks again in the backward pass."""
+def test_recomputed_blocks_give_the_same_values_gradients_and_statistics(num_latents, kernels):
+    """remat=True stores only block inputs and runs the blocks again in the backward pass (the
+    kernel set's `recomputed`)."""
     rng = np.random.default_rng(1)
     features = jnp.asarray(rng.normal(size=(2, 40, 12)), jnp.float32)
     latents = jnp.asarray(rng.normal(size=(2, num_latents, 6)), jnp.float32)
-    plain, recomputed = Decoder(16, 3), Decoder(16, 3, remat=True)
+    plain = Decoder(16, 3, kernels=kernels)
+    recomputed = Decoder(16, 3, remat=True, kernels=kernels)
     variables = plain.init(jax.random.key(0), features, latents, False)
     params = _random_like(variables["params"], 2)
 
@@ -151,12 +157,19 @@ def _decode_loss(model, batch_stats, locations, patches, latents):
     return loss
 
 
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("mode", ["decoder", "all"])
-def test_recomputed_patch_encoder_and_blocks_give_the_same_decoder_gradients(mode):
+def test_recomputed_patch_encoder_and_blocks_give_the_same_decoder_gradients(mode, kernels):
     """OSSNet(remat='decoder') recomputes the decoder blocks, 'all' the patch encoder too: logits and
     parameter gradients unchanged."""
     rng = np.random.default_rng(5)
-    kwargs = dict(grid_shape=(8, 8, 8), encoder_channels=(4,), decoder_width=16, decoder_blocks=2)
+    kwargs = dict(
+        grid_shape=(8, 8, 8),
+        encoder_channels=(4,),
+        decoder_width=16,
+        decoder_blocks=2,
+        kernels=kernels,
+    )
     plain, recomputed = OSSNet(patch_size=3, **kwargs), OSSNet(patch_size=3, remat=mode, **kwargs)
     locations = jnp.asarray(rng.integers(0, 8, size=(2, 30, 3)), jnp.int32)
     patches = jnp.asarray(rng.normal(size=(2, 30, 3, 3, 3, 2)), jnp.float32)
@@ -178,8 +191,9 @@ def test_recomputed_patch_encoder_and_blocks_give_the_same_decoder_gradients(mod
 
 
 def test_recomputed_blocks_keep_their_memory_saving_under_the_entry_points_flags():
-    """XLA's memory analysis of the compiled gradient: with remat the blocks' activations are not
-    stored. The session compiles with xla_cpu.FLAGS (conftest), whose reassociation once let XLA fold
+    """CPU set only (its `recomputed` ties the recomputation to the gradient). XLA's memory
+    analysis of the compiled gradient: with remat the blocks' activations are not stored. The
+    session compiles with xla_cpu.FLAGS (conftest), whose reassociation once let XLA fold
     the recomputation's dependency on the gradient (0 * g) and run it in the forward pass: the saving
     was gone (temporaries 54.0 against 55.0 MiB here; 14.1 MiB with a dependency it cannot fold)."""
     features, latents = jnp.zeros((1, 4096, 16)), jnp.zeros((1, 6, 8))
@@ -190,11 +204,13 @@ def test_recomputed_blocks_keep_their_memory_saving_under_the_entry_points_flags
         compiled = grad.lower(variables["params"], features, latents).compile()
         return compiled.memory_analysis().temp_size_in_bytes
 
-    plain, recomputed = temporaries(Decoder(64, 5)), temporaries(Decoder(64, 5, remat=True))
+    plain = temporaries(Decoder(64, 5, kernels="cpu"))
+    recomputed = temporaries(Decoder(64, 5, remat=True, kernels="cpu"))
     assert recomputed < 0.5 * plain, (recomputed, plain)
 
 
 def test_after_gradient_is_the_input_for_finite_and_infinite_gradients():
+    """CPU set internals."""
     x = jnp.asarray([[1.5, -2.0], [0.0, 3.25]], jnp.float32)
     for first in (0.7, -0.0, -4.0, jnp.inf, -jnp.inf):
         g = jnp.full((2, 3), 1.0).at[0, 0].set(first)
@@ -211,10 +227,11 @@ def test_recomputed_blocks_refuse_dropout():
 
 def test_weight_gradients_need_no_transposed_copy_of_the_output_gradients():
     """The dense layers run over (rows, F): XLA then takes each weight gradient without first
-    writing the layer's output gradient as a (width, rows) array (layers.over_rows)."""
+    writing the layer's output gradient as a (width, rows) array (layers.over_rows). Checked in the
+    CPU set, whose conditional batch norm and PAU backward rules are in the compiled program."""
     features = jax.random.normal(jax.random.key(0), (2, 64, 32))
     latents = jax.random.normal(jax.random.key(1), (2, 3, 8))
-    model = Decoder(width=32, blocks=2)
+    model = Decoder(width=32, blocks=2, kernels="cpu")
     variables = model.init(jax.random.key(2), features, latents, train=False)
 
     def loss(params):
@@ -245,8 +262,9 @@ def test_remat_mode_reads_modes_and_the_old_booleans():
 
 
 def test_remat_modes_order_the_compiled_memory_of_a_decode_gradient():
-    """XLA's memory analysis of OSSNet.decode's gradient: 'decoder' stores less than 'none' (the
-    blocks' activations), 'all' less again (the patch encoder's activations)."""
+    """CPU set only (remat's memory on XLA:CPU). XLA's memory analysis of OSSNet.decode's gradient:
+    'decoder' stores less than 'none' (the blocks' activations), 'all' less again (the patch
+    encoder's activations)."""
     kwargs = dict(
         grid_shape=(16, 16, 16), encoder_channels=(4,), decoder_width=64, decoder_blocks=3
     )
@@ -254,7 +272,7 @@ def test_remat_modes_order_the_compiled_memory_of_a_decode_gradient():
     patches, latents = jnp.zeros((1, 2048, 5, 5, 5, 1)), jnp.zeros((1, 4, 8))
 
     def temporaries(mode):
-        model = OSSNet(patch_size=5, remat=mode, **kwargs)
+        model = OSSNet(patch_size=5, remat=mode, kernels="cpu", **kwargs)
         variables = model.init(
             jax.random.key(0), locations, patches, latents, False, method=OSSNet.decode
         )

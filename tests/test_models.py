@@ -1,9 +1,11 @@
 """Shapes of every variant (O-Net, OSS-Net A-D) and the encode/decode split."""
 
+import functools
 import importlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from ossnet_jax import train_state
@@ -104,3 +106,61 @@ def test_patch_size_is_a_config_value(tmp_path):
     config.model.patch_size = 6
     with pytest.raises(ValueError, match="must be odd"):
         build_model(config)
+
+
+def _kernel_set_models(tmp_path):
+    """The tiny config's model built with model.kernels 'xla' and 'cpu', its inputs, and each
+    model's initial variables."""
+    models = {}
+    for name in ("xla", "cpu"):
+        config = tiny_config(tmp_path, kernels=name)
+        models[name] = build_model(config)
+        assert models[name].kernels == name
+    image = jax.random.normal(jax.random.key(0), (2,) + TINY_GRID + (4,))
+    locs = jax.random.randint(jax.random.key(1), (2, 32, 3), 0, jnp.asarray(TINY_GRID))
+    inputs = train_state.model_inputs(tiny_config(tmp_path, kernels="xla"), image, locs)
+    low, patches = inputs
+    init = {
+        name: jax.jit(functools.partial(model.init, train=False))(
+            jax.random.key(2), low, locs, patches
+        )
+        for name, model in models.items()
+    }
+    return models, (low, locs, patches), init
+
+
+def test_kernel_sets_build_the_same_variables_and_agree_in_the_forward_pass(tmp_path):
+    """model.kernels 'xla' and 'cpu' give identical parameter and batch-statistics trees (names,
+    shapes, dtypes and initial values: checkpoints move between them), and on the same variables the
+    same logits and segmentation in evaluation and in training, updated statistics included."""
+    models, inputs, init = _kernel_set_models(tmp_path)
+    xla, cpu = init["xla"], init["cpu"]
+    assert set(xla) == set(cpu) == {"params", "batch_stats"}
+    assert jax.tree.structure(cpu) == jax.tree.structure(xla)
+    describe = lambda tree: [(a.shape, a.dtype) for a in jax.tree.leaves(tree)]
+    assert describe(cpu) == describe(xla)
+    for a, b in zip(jax.tree.leaves(cpu), jax.tree.leaves(xla)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # away from the initialisation (zero conditional-batch-norm weights, unit statistics)
+    rng = np.random.default_rng(3)
+    params = jax.tree.map(
+        lambda p: p + jnp.asarray(0.1 * rng.normal(size=p.shape), p.dtype), xla["params"]
+    )
+    stats = jax.tree.map(
+        lambda s: s * jnp.asarray(1.0 + 0.2 * rng.random(size=s.shape), s.dtype),
+        xla["batch_stats"],
+    )
+    variables = {"params": params, "batch_stats": stats}
+
+    def forward(model, train):
+        mutable = ["batch_stats"] if train else False
+        apply = functools.partial(model.apply, train=train, mutable=mutable)
+        return jax.jit(apply)(variables, *inputs)
+
+    for train in (False, True):
+        got, want = forward(models["cpu"], train), forward(models["xla"], train)
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        assert float(np.max(np.abs(np.asarray(jax.tree.leaves(want)[0])))) > 0  # not vacuous
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            assert a.dtype == b.dtype
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)

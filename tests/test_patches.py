@@ -1,4 +1,5 @@
-"""On-device patch gathering and the GEMM patch convolution against numpy slicing and XLA's convolution."""
+"""On-device patch gathering against numpy slicing; the patch convolution of both kernel sets (the
+CPU set's GEMM included) against XLA's convolution."""
 
 import flax.linen as nn
 import jax
@@ -6,7 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ossnet_jax.kernels.cpu.patch_conv import conv_matrix
 from ossnet_jax.models import patches as P
+
+KERNELS = ["xla", "cpu"]
 
 
 def _numpy_patch(volume, loc, start_offset, size):
@@ -54,6 +58,7 @@ def test_large_patches_equal_pooled_14_cube(volume):
 
 @pytest.mark.parametrize("cin,cout", [(4, 2), (2, 1)])
 def test_patch_conv_equals_xla_convolution_with_gradients(cin, cout):
+    """CPU set internals: the convolution of a patch as a product with `conv_matrix`."""
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(size=(5, 7, 7, 7, cin)), jnp.float32)
     kernel = jnp.asarray(rng.normal(size=(7, 7, 7, cin, cout)) * 0.1, jnp.float32)
@@ -66,7 +71,7 @@ def test_patch_conv_equals_xla_convolution_with_gradients(cin, cout):
         return jnp.sum(jnp.tanh(y) * weight), y
 
     def gemm(k, x):
-        y = (x.reshape(5, -1) @ P.conv_matrix(k, 7)).reshape(5, 7, 7, 7, cout)
+        y = (x.reshape(5, -1) @ conv_matrix(k, 7)).reshape(5, 7, 7, 7, cout)
         return jnp.sum(jnp.tanh(y) * weight), y
 
     (_, y_ref), g_ref = jax.value_and_grad(reference, argnums=(0, 1), has_aux=True)(kernel, x)
@@ -76,7 +81,8 @@ def test_patch_conv_equals_xla_convolution_with_gradients(cin, cout):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
 
 
-def test_patch_conv_module_equals_flax_conv_with_bias_and_gradients():
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_patch_conv_module_equals_flax_conv_with_bias_and_gradients(kernels):
     """PatchConv on (B, N, S^3 Cin) rows against nn.Conv on the (S, S, S, Cin) patches, same kernel
     and bias, gradients of both parameters and of the input included."""
     rng = np.random.default_rng(2)
@@ -87,7 +93,7 @@ def test_patch_conv_module_equals_flax_conv_with_bias_and_gradients():
         "bias": jnp.asarray(rng.normal(size=(cout,)), jnp.float32),
     }
     weight = jnp.asarray(rng.normal(size=(b, n, 7**3 * cout)), jnp.float32)
-    module = P.PatchConv(cout, 7, 7)
+    module = P.PatchConv(cout, 7, 7, kernels=kernels)
     conv = nn.Conv(cout, (7, 7, 7), padding="SAME")
 
     def ours(params, x):
@@ -104,8 +110,9 @@ def test_patch_conv_module_equals_flax_conv_with_bias_and_gradients():
         np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-4, atol=1e-4)
 
 
-def test_patch_encoder_output_shape():
-    module = P.PatchEncoder()
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_patch_encoder_output_shape(kernels):
+    module = P.PatchEncoder(kernels=kernels)
     x = jnp.ones((2, 3, 7, 7, 7, 8))
     variables = module.init(jax.random.key(0), x, train=False)
     assert module.apply(variables, x, train=False).shape == (2, 3, 343)
@@ -114,8 +121,9 @@ def test_patch_encoder_output_shape():
 
 
 def test_patch_encoder_weight_gradients_need_no_transposed_copy():
-    """The patch GEMMs run over (rows, S^3 C): no (S^3 Cout, rows) copy of an output gradient."""
-    encoder = P.PatchEncoder()
+    """CPU set only (its patch GEMMs): they run over (rows, S^3 C), with no (S^3 Cout, rows) copy of
+    an output gradient."""
+    encoder = P.PatchEncoder(kernels="cpu")
     patches = jax.random.normal(jax.random.key(0), (2, 16, 7, 7, 7, 4))
     variables = encoder.init(jax.random.key(1), patches, False)
     loss = lambda params: jnp.sum(encoder.apply({"params": params}, patches, True) ** 2)

@@ -6,6 +6,7 @@ import ml_collections
 
 from ossnet_jax import kernels as kernel_sets
 
+
 def augment(
     rng: jax.Array,
     image: jax.Array,

@@ -45,12 +45,21 @@ def pau_terms(
     return p, q
 
 
+def _per_value(coefficients: jax.Array, x: jax.Array) -> list[jax.Array]:
+    """Each coefficient as an array of x's shape and dtype, broadcast in float32 and then cast: the
+    gradient of a coefficient is a sum over all of x, and autodiff takes it in the broadcast's dtype
+    (in bfloat16 that sum lost the coefficient gradients; tests/test_mixed_precision.py)."""
+    wide = coefficients.astype(jnp.float32)
+    return [jnp.broadcast_to(wide[i], x.shape).astype(x.dtype) for i in range(wide.shape[0])]
+
+
 def pau(x: jax.Array, numerator: jax.Array, denominator: jax.Array) -> jax.Array:
     """Safe Pade activation unit P(x) / Q(x) (Molina et al., ICLR 2020) of any shape.
 
-    numerator: (6,) a_0..a_5; denominator: (4,) b_1..b_4, both in x's dtype.
+    numerator: (6,) a_0..a_5; denominator: (4,) b_1..b_4, both in x's dtype. Computed in x's dtype;
+    the coefficient gradients are accumulated in float32 (`_per_value`).
     """
-    p, q = pau_terms(x, numerator, denominator)
+    p, q = pau_terms(x, _per_value(numerator, x), _per_value(denominator, x))
     return p / q
 
 

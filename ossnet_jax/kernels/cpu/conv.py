@@ -53,7 +53,7 @@ def slab_planes(shape: tuple[int, ...], k: int, itemsize: int) -> int:
 
 
 def conv3d_kernel_grad(x: jax.Array, g: jax.Array, k: int) -> jax.Array:
-    """Gradient of sum(g * conv3d_same(x, kernel)) with respect to the (k, k, k, Cin, Cout) kernel.
+    """Gradient of sum(g * conv3d(x, kernel)) with respect to the (k, k, k, Cin, Cout) kernel.
 
     Channel-major im2col on the padded lattice: x is zero-padded, transposed to (Cin, padded voxels)
     and flattened, so the input of tap (i, j, m) for every output voxel of a slab is one contiguous row

@@ -20,7 +20,7 @@ def threefry2x32(
     key: two uint32 scalars; x0, x1: uint32 counters of one shape. Returns the two output words.
     Written out round by round, XLA fuses it into one vectorised loop; jax's own lowering for the CPU
     is a rolled loop that passes the arrays through memory five times, which runs slower
-    (docs/performance.md, "Hand-written threefry noise"). The same bits, see tests/test_sampling.py.
+    (docs/performance.md, "Hand-written threefry noise"). The same bits, see tests/test_kernels.py.
     """
     k0, k1 = key
     ks = (k0, k1, k0 ^ k1 ^ jnp.uint32(0x1BD11BDA))

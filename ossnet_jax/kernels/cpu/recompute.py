@@ -12,9 +12,9 @@ def after_gradient(x: jax.Array, g: jax.Array) -> jax.Array:
     is NaN, which skips the update anyway), but computable only once g exists.
 
     The term must be one XLA's algebraic simplifier cannot prove zero: with the entry points' XLA:CPU
-    reassociation flags (ossnet_jax/xla_cpu.py) it folds 0 * g to 0, the recomputation then ran
-    during the forward pass and OSS-Net C's update step needed 2,865 MiB instead of 1,309 MiB at
-    2^14 locations (benchmarks/NOTES.md).
+    reassociation flags (kernels/cpu/xla_flags.py) it folds 0 * g to 0, the recomputation then ran
+    during the forward pass and the update step held its results until the backward
+    (docs/performance.md, "Gradient ties").
     """
     return x + jnp.minimum(jnp.abs(g[(0,) * g.ndim]), 0).astype(x.dtype)
 
@@ -27,19 +27,21 @@ def recomputed(
     The backward rule runs call again and differentiates that. Its parameters are first made to depend
     on the incoming gradient (`after_gradient`), so XLA cannot schedule the recomputation before the
     gradient exists: XLA:CPU drops optimization barriers, and with jax.checkpoint / nn.remat it
-    recomputed every block right after the forward pass (benchmarks/NOTES.md). Collections other than
-    'params' (batch-norm statistics) are updated by the forward pass only. Returns call's (B, N, F)
-    output.
+    recomputed every block right after the forward pass (docs/performance.md, "Remat modes").
+    Collections other than 'params' (batch-norm statistics) are updated by the forward pass only.
+    Returns call's (B, N, F) output.
     """
 
     def forward(mdl, x, *rest):
+        # the variables the call reads, taken before it updates the batch statistics
+        variables = jax.tree.map(lambda v: v, dict(mdl.variables))
         y = call(mdl, x, *rest)
-        return y, (dict(mdl.variables), x, rest)
+        return y, (variables, x, rest)
 
     def backward(residuals, g):
         variables, x, rest = residuals
         # the parameters, not x, carry the dependency: every layer starts from a parameter, and the
-        # sum with a large x was a full copy of it (the patches, 86 MiB at 2^14 locations)
+        # sum with a large x was a full copy of it (the patches; docs/performance.md)
         params = jax.tree.map(lambda p: after_gradient(p, g), variables["params"])
         others = {k: v for k, v in variables.items() if k != "params"}
         clone = module.clone(parent=None)
