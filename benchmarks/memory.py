@@ -23,9 +23,9 @@ table and the targets) and OUT.png (total against grid voxels and against locati
                output/temp). The two run one after the other and the encoder's outputs are the
                decoder's arguments, so total_bytes is the larger of the two totals.
   U-Nets; points = null (they sample no locations; "voxels" is what one call outputs)
-    'train'    unet_training.train_step on one whole volume (augmentation and the crop (3D) or
+    'train'    the U-Net step's train_step on one whole volume (augmentation and the crop (3D) or
                train.slices_per_volume slices (2D) inside the step, as the host loop runs it)
-    'infer'    one call of the network as unet_inference does it: unet3d eval.batch_windows windows
+    'infer'    one call of the network as the U-Net predictor does it: unet3d eval.batch_windows windows
                of eval.window_shape (sliding windows), unet2d eval.batch_slices axial slices; the
                host assembles the volume from such calls.
 Grids (name: shape, preset, OSS-Net data.downscale): brats 256x256x160 (brats, 2), lits 512^3 (lits, 2),
@@ -62,7 +62,8 @@ import ml_collections
 import numpy as np
 from matplotlib.figure import Figure
 
-from ossnet_jax import evaluation, families, files, runtime, training, unet_inference
+from ossnet_jax import evaluation, families, files, runtime, training
+from ossnet_jax.families.unet import predictor as unet_inference
 from ossnet_jax.kernels import NAMES, resolve
 from ossnet_jax.train_state import make_optimizer
 

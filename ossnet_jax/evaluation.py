@@ -13,7 +13,7 @@ eval/pictures/<id>_{slices,mesh}.png, eval/dice.png, and eval/predictions/<id>.n
 a label map in label values (binary: 0/1; BraTS regions: 0/1/2/4) with the input file's shape, affine
 and voxel order, so it opens aligned on the image in ITK-SNAP or 3D Slicer.
 
-The same files are written for every model family (families.py): for the U-Nets "decoder_points" counts
+The same files are written for every model family (ossnet_jax/families): for the U-Nets "decoder_points" counts
 the voxels the network produced (sliding windows: window voxels x windows; 2D: the grid).
 """
 

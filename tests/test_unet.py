@@ -10,9 +10,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ossnet_jax import evaluation, families, losses, training, unet_inference, unet_training
+from ossnet_jax import evaluation, families, losses, training
+from ossnet_jax.families.unet import predictor as unet_inference
+from ossnet_jax.families.unet import step as unet_training
 from ossnet_jax.data import labels
-from ossnet_jax.models.unet import ResidualUnit, UNet2D, UNet3D
+from ossnet_jax.families.unet.model import ResidualUnit, UNet2D, UNet3D
 from tests.conftest import tiny_unet_config
 
 

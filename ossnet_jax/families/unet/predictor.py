@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from ossnet_jax.data import labels
-from ossnet_jax.models.unet import ResidualUNet
+from ossnet_jax.families.unet.model import ResidualUNet
 
 Forward = Callable[[np.ndarray], np.ndarray]  # (n, *window, C) inputs -> (n, *window, O) probs
 

@@ -17,11 +17,12 @@ import ml_collections
 import numpy as np
 import optax
 
+from ossnet_jax import kernels as kernel_sets
 from ossnet_jax import losses, metrics
 from ossnet_jax.data import augment, labels, sampling
-from ossnet_jax.models.unet import ResidualUNet
+from ossnet_jax.families.unet.model import ResidualUNet
 from ossnet_jax.train_state import TrainState, guarded_update, lr_schedule, state_from_variables
-from ossnet_jax.unet_inference import UNetPredictor, clip_window
+from ossnet_jax.families.unet.predictor import UNetPredictor, clip_window
 
 
 def init_state(
