@@ -7,7 +7,8 @@ or SIGTERM saves a checkpoint of the current step and exits with status 130 or 1
 
 Several processes (hosts): run the same command on each with --coordinator_address=HOST:PORT (process
 0's host), --num_processes=P and --process_id=p (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
-JAX_PROCESS_ID); see ossnet_jax/distributed.py.
+JAX_PROCESS_ID), or, where a cluster launcher started them (Cloud TPU pod slice, SLURM srun, Open MPI
+mpirun, Kubernetes), with --distributed=auto alone; see ossnet_jax/distributed.py.
 """
 
 import sys
@@ -21,6 +22,16 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/demo.py", "Configuration file (path[:preset]).")
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and predictions.")
 flags.mark_flag_as_required("workdir")
+flags.DEFINE_enum(
+    "distributed",
+    "manual",
+    list(distributed.MODES),
+    "How a multi-process run starts. 'manual': from --coordinator_address, --num_processes and "
+    "--process_id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); a single "
+    "process without a coordinator address. 'auto': jax.distributed.initialize() with no "
+    "arguments detects them from the cluster (Cloud TPU pod slice, SLURM, Open MPI, Kubernetes); "
+    "leave the three flags out.",
+)
 flags.DEFINE_string("coordinator_address", "", "host:port of process 0 for a multi-process run.")
 flags.DEFINE_integer("num_processes", None, "Processes of a multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
@@ -30,7 +41,12 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     distributed.initialize(
-        distributed.settings(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+        distributed.settings(
+            FLAGS.coordinator_address,
+            FLAGS.num_processes,
+            FLAGS.process_id,
+            mode=FLAGS.distributed,
+        )
     )
     try:
         result = training.train_and_evaluate(FLAGS.config, FLAGS.workdir)

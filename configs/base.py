@@ -90,6 +90,9 @@ def get_base_config(preset: str = "brats") -> ml_collections.ConfigDict:
     # K contiguous shards of the training cases, each feeding B / K slots of every batch; 0: one per
     # process. A run's batches depend on K only (data/schedule.py), so K = P on one process replays P.
     train.case_shards = 0
+    # devices that split each volume's train.num_points locations (parallel.py's 'points' mesh axis):
+    # 0 auto: those the batch leaves idle (batch per process < its devices); 1 none; k: exactly k
+    train.points_devices = 0
     train.dtype = (
         "float32"  # 'bfloat16': compute in bfloat16; parameters, loss, BN statistics float32
     )

@@ -9,6 +9,7 @@ fold_in(seed, step) and the cases of a step are a pure function of the step, so 
 exactly what an uninterrupted one would.
 """
 
+import collections
 import contextlib
 import functools
 import json
@@ -248,8 +249,9 @@ class TrainingInterrupted(Exception):
 def _stop_requests() -> Iterator[list[int]]:
     """Yields a list that SIGINT and SIGTERM append their number to instead of stopping the process.
 
-    The host loop checks it after each step, so a checkpoint of that step is saved before stopping;
-    the previous handlers are restored on exit. Handlers can only be set in the main thread; elsewhere
+    The host loop checks it after each step (several processes: at the steps they read the device,
+    _stop_requested), so a checkpoint of that step is saved before stopping; the previous handlers are
+    restored on exit. Handlers can only be set in the main thread; elsewhere
     the list stays empty and the signals keep their behaviour.
     """
     received: list[int] = []
@@ -357,9 +359,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     from WORKDIR/config.json, unless train.allow_config_change; config.json is only overwritten once the
     checkpoint is restored. An update with a NaN/Inf loss or gradient
     is skipped (parameters unchanged) and logged as {"step", "skipped_nonfinite": 1} in metrics.jsonl;
-    train.max_nonfinite_steps consecutive skips raise FloatingPointError. Checkpoints are only written
-    after an applied update, except at the last step, whose parameters are those of the last applied one,
-    and on SIGINT/SIGTERM, which save the step being run and raise TrainingInterrupted.
+    train.max_nonfinite_steps consecutive skips raise FloatingPointError without saving. Checkpoints
+    are only written after an applied update, except at the last step, whose parameters are those of
+    the last applied one, and on SIGINT/SIGTERM, which save the step being run and raise
+    TrainingInterrupted.
+
+    The host does not wait for each step: it dispatches step k + 1 while step k runs and reads the
+    device (metrics and the skipped flags of every step since the last read, in one transfer) only
+    every train.log_every steps, at the last step, at validation and checkpoint steps and on a stop.
+    So skipped steps are logged, and max_nonfinite_steps consecutive ones detected, at the next read,
+    up to log_every - 1 steps late (the error names the step the limit was reached at); no checkpoint
+    is written in between. One process checks for SIGINT/SIGTERM after every step; several processes
+    agree on stopping only at the steps they read the device, so there a signal stops the run at the
+    next such step.
 
     Before training: the workdir must be writable and have room for the checkpoints (OSError naming
     it otherwise); a corrupt latest checkpoint is moved aside and the previous one resumed; rows of
@@ -438,6 +450,68 @@ class _Log:
             self.file.close()
 
 
+# Updates the host loop lets the device hold at once: it waits (reading nothing) for step k-2 to
+# finish before it dispatches step k, so step k-1 still runs meanwhile, while the inputs queued on
+# the device stay those of two steps (not of every step since the last read).
+IN_FLIGHT_STEPS = 2
+
+
+def _read(tree: Any) -> Any:
+    """The host copy of a pytree of device arrays: the loop's one blocking read of device values."""
+    return jax.device_get(tree)
+
+
+def _stop_requested(stop: list[int], exchange: bool) -> bool:
+    """Whether the loop stops after this step for a SIGINT/SIGTERM recorded in `stop`.
+
+    One process reads its own list every step, with no device work. Several agree through
+    distributed.any_process, a collective, so only at the steps where `exchange`, the same on every
+    process, is true (the steps the loop reads the device anyway); a signal waits until then.
+    """
+    if jax.process_count() == 1:
+        return bool(stop)
+    return exchange and distributed.any_process(bool(stop))
+
+
+def _record_skips(
+    flags: list,
+    first: int,
+    consecutive: int,
+    limit: int,
+    log: _Log,
+    ckpt: checkpointing.Checkpoints,
+) -> int:
+    """Logs the skipped updates among the steps first, first + 1, ... of `flags` (1: skipped);
+    returns the consecutive skips at the last of them, counting on from `consecutive` before them.
+
+    Raises FloatingPointError if the count reached `limit` at one of the steps: the loop saves no
+    checkpoint between reads, so the last one written is still the latest.
+    """
+    reached = None
+    for offset, flag in enumerate(flags):
+        step = first + offset
+        consecutive = consecutive + 1 if flag else 0
+        if flag:
+            log.row({"step": step, "skipped_nonfinite": 1})
+            log.note(f"step {step}: non-finite loss or gradients, update skipped")
+        if consecutive >= limit and reached is None:
+            reached = step
+    if reached is not None:
+        last = ckpt.latest_step()
+        kept = (
+            f"the last good checkpoint (step {last}) in {ckpt.directory} is intact"
+            if last is not None
+            else f"no checkpoint was written to {ckpt.directory}"
+        )
+        seen = first + len(flags) - 1
+        read = f" (read at step {seen})" if seen != reached else ""
+        raise FloatingPointError(
+            f"{limit} consecutive non-finite steps (loss or gradients) at step {reached}{read}; "
+            f"training stopped without saving, {kept}"
+        )
+    return consecutive
+
+
 def _train(
     config: ml_collections.ConfigDict,
     workdir: pathlib.Path,
@@ -451,13 +525,24 @@ def _train(
 
     `make_batch(step)` gives this process's rows of the step's global batch; `val_cases` are validated
     on the primary every train.eval_every steps when `validating` (the split has validation cases).
+
+    The loop dispatches each step without reading its results: the 'skipped' flags stay on the
+    device and are read, with the metrics, in one transfer (`_read`) only at the steps that need
+    them: every train.log_every steps and the last (metrics), validation and checkpoint steps (a
+    checkpoint is written only after an applied update), and a stop. Between reads the loop keeps
+    IN_FLIGHT_STEPS updates on the device.
     """
     t = config.train
     primary = distributed.is_primary()
     family = families.get_family(config)
     model = family.build_model(config)
     tx = make_optimizer(config)
-    mesh = parallel.data_mesh(t.batch_size)  # None on one device of one process: nothing changes
+    splits_points = family.prepare_inputs is not None
+    mesh = parallel.data_mesh(  # None on one device of one process: nothing changes
+        t.batch_size,
+        num_points=t.num_points if splits_points else 0,
+        points_devices=t.get("points_devices", 0) if splits_points else 1,  # 0: auto
+    )
     state = parallel.replicate(family.init_state(config, model, tx, jax.random.key(t.seed)), mesh)
     if start:
         start, state = ckpt.restore_latest(state)
@@ -476,7 +561,11 @@ def _train(
     if family.prepare_inputs is None:
         inputs_of, update = batch_of, family.train_step
     else:  # the grid-sized stage runs in the prefetch thread, the update sees its outputs only
-        prepare = jax.jit(functools.partial(family.prepare_inputs, config=config))
+        prepare = jax.jit(
+            lambda batch, key, s: parallel.shard_inputs(
+                family.prepare_inputs(batch, key, s, config=config), mesh
+            )
+        )
         inputs_of = lambda s: prepare(batch_of(s), rng, jnp.asarray(s, jnp.int32))
         update = family.update_step
     step_fn = jax.jit(
@@ -487,7 +576,9 @@ def _train(
     if primary:
         drop_log_rows_after(log_path, start)
     tick, wait, since = time.perf_counter(), 0.0, start  # the current logging window
-    nonfinite = 0  # consecutive skipped updates
+    nonfinite = 0  # consecutive skipped updates up to the last read of the device
+    unread: list = []  # the () int32 'skipped' flags, on the device, of the steps since then
+    running: collections.deque = collections.deque()  # those of the updates that may still run
     log = _Log(log_path, primary)
     with (
         Prefetcher(inputs_of, start, t.steps) as batches,
@@ -501,26 +592,26 @@ def _train(
             waited = time.perf_counter()
             batch = next(batches)
             wait += time.perf_counter() - waited
+            if len(running) == IN_FLIGHT_STEPS:
+                running.popleft().block_until_ready()
             state, out = step_fn(state, batch, rng)
+            running.append(out["skipped"])
+            unread.append(out["skipped"])
             done = step + 1
-            nonfinite = nonfinite + 1 if int(out["skipped"]) else 0
-            if nonfinite:
-                log.row({"step": done, "skipped_nonfinite": 1})
-                log.note(f"step {done}: non-finite loss or gradients, update skipped")
-            if nonfinite >= t.max_nonfinite_steps:
-                last = ckpt.latest_step()
-                kept = (
-                    f"the last good checkpoint (step {last}) in {ckpt.directory} is intact"
-                    if last is not None
-                    else f"no checkpoint was written to {ckpt.directory}"
-                )
-                raise FloatingPointError(
-                    f"{nonfinite} consecutive non-finite steps (loss or gradients) at step {done}; "
-                    f"training stopped without saving, {kept}"
-                )
             logged = done % t.log_every == 0 or done == t.steps
+            validating_now = validating and (done % t.eval_every == 0 or done == t.steps)
+            periodic = validating_now or done % t.checkpoint_every == 0
+            # read once: a signal arriving after this line is handled after the next step
+            stopping = _stop_requested(stop, exchange=logged or periodic)
+            if not (logged or periodic or stopping):
+                continue
+            seen = _read({"skipped": unread, "out": out if logged else {}})
+            nonfinite = _record_skips(
+                seen["skipped"], done - len(unread) + 1, nonfinite, t.max_nonfinite_steps, log, ckpt
+            )
+            unread = []
             if logged:
-                out = jax.device_get(out)
+                out = seen["out"]
                 elapsed = time.perf_counter() - tick
                 record = {
                     "step": done,
@@ -539,7 +630,7 @@ def _train(
                 )
                 bar.update(done - since)
             val = None
-            if validating and (done % t.eval_every == 0 or done == t.steps):
+            if validating_now:
                 val = (
                     validate(parallel.local_copy(state))
                     if primary
@@ -551,9 +642,6 @@ def _train(
                     f"step {done}: validation Dice {val['val_dice']:.4f} IoU {val['val_iou']:.4f}"
                     f" ({family.validator.scope})"
                 )
-            periodic = val is not None or done % t.checkpoint_every == 0
-            # read once: a signal arriving after this line is handled after the next step
-            stopping = distributed.any_process(bool(stop))
             if (periodic and not nonfinite) or done == t.steps or stopping:
                 ckpt.save(done, state, val)
             if stopping:

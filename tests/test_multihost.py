@@ -2,6 +2,7 @@
 
 The processes find each other through a coordinator on 127.0.0.1 (JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES, JAX_PROCESS_ID, as a cluster launcher would set them) and exchange data with gloo.
+'auto' start-up is tested on the SLURM variables of a two-task job step on this machine.
 """
 
 import json
@@ -100,6 +101,62 @@ def test_settings_come_from_arguments_or_environment():
         distributed.settings("g:2", environ={})
     with pytest.raises(ValueError, match="not in"):
         distributed.settings("g:2", 2, 2, environ={})
+
+
+def test_auto_mode_takes_no_arguments_and_manual_is_unchanged():
+    assert distributed.settings(mode="auto", environ={}) == distributed.Settings(None, None, None)
+    for given in ({"coordinator_address": "h:1"}, {"num_processes": 2}, {"process_id": 0}):
+        with pytest.raises(ValueError, match="detects the cluster itself: leave out --"):
+            distributed.settings(mode="auto", **given)
+    with pytest.raises(ValueError, match="unknown distributed mode"):
+        distributed.settings(mode="slurm")
+
+
+# What train.py --distributed=auto does, then one exchange between the processes.
+AUTO = textwrap.dedent(
+    """
+    import jax
+    from ossnet_jax import distributed
+
+    distributed.initialize(distributed.settings(mode="auto"))
+    print("process", jax.process_index(), "of", jax.process_count(), "devices", jax.device_count())
+    print("process 1 says yes:", distributed.any_process(jax.process_index() == 1))
+    """
+)
+
+
+def test_auto_mode_finds_a_slurm_job_and_fails_clearly_outside_a_cluster():
+    """Two processes with a SLURM job step's variables (2 tasks on node 127.0.0.1) join without
+    coordinator, count or id; a third without them is told that no cluster was found."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_COORDINATOR_PORT": str(_free_port())}
+    for name in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        env.pop(name, None)
+    env = {k: v for k, v in env.items() if not k.startswith(("SLURM_", "OMPI_"))}
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_NTASKS": "2"}
+    tasks = [{**env, **slurm, "SLURM_PROCID": str(p), "SLURM_LOCALID": str(p)} for p in range(2)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", AUTO],
+            cwd=REPO,
+            env=task_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for task_env in [*tasks, env]
+    ]
+    try:
+        outputs = [p.communicate(timeout=120) for p in processes]
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+    for p, index, (out, err) in zip(processes, range(2), outputs):
+        assert p.returncode == 0, out[-2000:] + err[-4000:]
+        mine = [line for line in out.splitlines() if line.startswith("process")]  # not gloo's
+        assert mine == [f"process {index} of 2 devices 2", "process 1 says yes: True"]
+    out, err = outputs[2]
+    assert processes[2].returncode == 1 and "--distributed=auto: JAX found no cluster" in err
 
 
 def test_two_processes_reach_the_parameters_of_one(synthetic_root, tmp_path):

@@ -1,5 +1,6 @@
-"""Several devices: the 2-device train step equals the 1-device step on the same global batch, and
-evaluation dealt over 2 devices equals evaluation on one.
+"""Several devices: the 2-device train step equals the 1-device step on the same global batch, with
+the batch split over 'data' and with one volume's locations split over 'points', and evaluation
+dealt over 2 devices equals evaluation on one.
 
 Runs in a subprocess because the device count is fixed when jax starts:
 XLA_FLAGS=--xla_force_host_platform_device_count=2 is set there before jax is imported.
@@ -36,6 +37,7 @@ SCRIPT = textwrap.dedent(
     import functools, os, pathlib, sys
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
     import jax
+    import jax.numpy as jnp
     import numpy as np
     from jax.sharding import PartitionSpec
     from ossnet_jax import parallel, training
@@ -45,7 +47,20 @@ SCRIPT = textwrap.dedent(
     from tests.conftest import tiny_config
 
     assert jax.device_count() == 2, jax.devices()
-    assert parallel.data_mesh(3) is None and parallel.data_mesh(4).size == 2
+    shape = lambda mesh: None if mesh is None else dict(mesh.shape)
+    mesh_of = lambda b, n, p: shape(parallel.data_mesh(b, num_points=n, points_devices=p))
+    assert mesh_of(3, 128, 1) is None  # the batch only: 3 volumes on one device
+    assert mesh_of(4, 128, 0) == {"data": 2, "points": 1}
+    assert mesh_of(3, 128, 0) == mesh_of(1, 128, 0) == {"data": 1, "points": 2}
+    assert mesh_of(2, 128, 2) == {"data": 1, "points": 2}
+    assert mesh_of(1, 127, 0) is None  # auto: no divisor of 127 but 1 fits in 2 devices
+    for points, n, error in ((2, 127, "must divide by train.points_devices 2"), (4, 128, "exceed")):
+        try:
+            mesh_of(1, n, points)
+            raise AssertionError(f"no ValueError for points_devices {points}")
+        except ValueError as e:
+            assert error in str(e), e
+
     config = tiny_config(pathlib.Path(sys.argv[1]))
     config.model.activation = "relu"  # compiles faster; sharding is what is tested
     config.model.encoder_channels = (4,)
@@ -53,20 +68,59 @@ SCRIPT = textwrap.dedent(
     train_cases, _ = dataset.load_split(config)
     model, tx = build_model(config), make_optimizer(config)
     state = init_state(config, model, tx, jax.random.key(0))
+    device = jax.devices()[0]
+    rng = jax.random.key(1)
+
+
+    def assert_same(one, out_one, two, out_two):  # loss, parameters, BN statistics, optimizer state
+        np.testing.assert_allclose(float(out_two["loss"]), float(out_one["loss"]), rtol=1e-5)
+        leaf = two.params.fast["decoder_net"]["out"]["kernel"]
+        assert len(leaf.sharding.device_set) == 2 and leaf.sharding.is_fully_replicated
+        for name in ("params", "batch_stats", "opt_state"):
+            pairs = zip(jax.tree.leaves(getattr(one, name)), jax.tree.leaves(getattr(two, name)))
+            for a, b in pairs:
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
+
+
+    # Batch 2 over 'data' = 2: the composed step, each device one volume.
     step = jax.jit(functools.partial(training.train_step, model=model, tx=tx, config=config))
     batch = dataset.stack_batch(train_cases[:2])
-    device = jax.devices()[0]
-    one, out_one = step(jax.device_put(state, device), jax.device_put(batch, device), jax.random.key(1))
-    mesh = parallel.data_mesh(2)
+    one, out_one = step(jax.device_put(state, device), jax.device_put(batch, device), rng)
+    mesh = parallel.data_mesh(2, num_points=config.train.num_points, points_devices=0)
+    assert shape(mesh) == {"data": 2, "points": 1}
     sharded = parallel.shard_batch(batch, mesh)
     assert sharded["image"].sharding.spec == PartitionSpec("data")
     assert [s.data.shape[0] for s in sharded["image"].addressable_shards] == [1, 1]
-    two, out_two = step(parallel.replicate(state, mesh), sharded, jax.random.key(1))
-    assert len(two.params.fast["decoder_net"]["out"]["kernel"].sharding.device_set) == 2
-    np.testing.assert_allclose(float(out_two["loss"]), float(out_one["loss"]), rtol=1e-5)
-    for name in ("params", "batch_stats", "opt_state"):
-        for a, b in zip(jax.tree.leaves(getattr(one, name)), jax.tree.leaves(getattr(two, name))):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
+    two, out_two = step(parallel.replicate(state, mesh), sharded, rng)
+    assert_same(one, out_one, two, out_two)
+
+    # Batch 1 over 'points' = 2: the host loop's two stages, each device half of the locations.
+    update = jax.jit(functools.partial(training.update_step, model=model, tx=tx, config=config))
+
+
+    def prepared(batch, mesh):
+        prepare = lambda *a: parallel.shard_inputs(training.prepare_inputs(*a, config), mesh)
+        return jax.jit(prepare)(batch, rng, jnp.int32(0))
+
+
+    batch = dataset.stack_batch(train_cases[:1])
+    one, out_one = update(
+        jax.device_put(state, device), prepared(jax.device_put(batch, device), None), rng
+    )
+    mesh = parallel.data_mesh(1, num_points=config.train.num_points, points_devices=0)
+    assert shape(mesh) == {"data": 1, "points": 2}
+    inputs = prepared(parallel.shard_batch(batch, mesh), mesh)
+    assert set(inputs) == {"low", "locations", "index", "patches", "coarse"}
+    n = config.train.num_points
+    split = parallel.input_shardings(inputs, mesh)
+    for key in ("locations", "index", "patches"):
+        assert split[key].spec == PartitionSpec("data", "points"), key
+        assert inputs[key].sharding.is_equivalent_to(split[key], inputs[key].ndim), key
+        assert [s.data.shape[:2] for s in inputs[key].addressable_shards] == [(1, n // 2)] * 2
+    for key in ("low", "coarse"):
+        assert inputs[key].sharding.is_fully_replicated, key  # (1, ...) whole on both devices
+    two, out_two = update(parallel.replicate(state, mesh), inputs, rng)
+    assert_same(one, out_one, two, out_two)
     print("OK", float(out_one["loss"]), float(out_two["loss"]))
     """
 )
@@ -80,13 +134,13 @@ def _on_two_devices(script: str, *args: str) -> str:
         env=_env(),
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result.stdout
 
 
-def test_two_device_step_equals_one_device_step(synthetic_root, tmp_path):
+def test_two_device_steps_over_data_and_over_points_equal_one_device_steps(synthetic_root, tmp_path):
     assert _on_two_devices(SCRIPT, str(synthetic_root)).startswith("OK")
 
 

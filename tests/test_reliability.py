@@ -160,6 +160,44 @@ def test_a_longer_run_resumes_and_nan_batches_stop_it_keeping_the_checkpoint(
     assert [r["step"] for r in rows if r.get("skipped_nonfinite") == 1] == [3, 4]
 
 
+def test_nonfinite_steps_between_reads_are_found_at_the_next_read_without_saving(
+    two_steps, tmp_path, monkeypatch
+):
+    """Logged every 5 steps, resumed from step 2: NaN batches reach 2 consecutive skips at step 4;
+    the loop reads its flags only at step 5, then logs every skipped step so far, names step 4 and
+    stops before the checkpoint or validation of any later step."""
+    config, workdir = two_steps
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir, copy)
+    before = _snapshot(copy)
+    stack_batch = training.dataset.stack_batch
+
+    def nan_batch(cases):
+        batch = stack_batch(cases)
+        return {**batch, "image": np.full_like(batch["image"], np.nan)}
+
+    monkeypatch.setattr(training.dataset, "stack_batch", nan_batch)
+    longer = tiny_config(pathlib.Path(config.data.root))
+    longer.train.steps = 8
+    longer.train.max_nonfinite_steps = 2
+    longer.train.log_every = 5
+    longer.train.checkpoint_every = 6  # after the read: never reached
+    longer.train.eval_every = 6
+    with pytest.raises(FloatingPointError) as e:
+        training.train_and_evaluate(longer, str(copy))
+    assert str(e.value).startswith(
+        "2 consecutive non-finite steps (loss or gradients) at step 4 (read at step 5); "
+        f"training stopped without saving, the last good checkpoint (step 2) in {copy / 'checkpoints'}"
+        " is intact"
+    )
+    after = _snapshot(copy)
+    del after[str(copy / "config.json")], before[str(copy / "config.json")]
+    assert after == before and _checkpoint_steps(copy) == [2]
+    rows = [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("skipped_nonfinite") == 1] == [3, 4, 5]
+    assert max(r["step"] for r in rows) == 5
+
+
 def test_drop_log_rows_after_keeps_rows_up_to_the_step_and_drops_a_torn_line(tmp_path):
     log = tmp_path / "metrics.jsonl"
     rows = [{"step": 1, "loss": 1.0}, {"step": 2, "val_dice": 0.5}, {"step": 3, "loss": 0.9}]

@@ -2,12 +2,16 @@
 
 import functools
 import json
+import os
 import shutil
+import signal
+import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax._src import array as jax_array
 
 from ossnet_jax import checkpointing, evaluation, kernels, reporting, train_state, training
 from ossnet_jax.data import dataset
@@ -130,6 +134,74 @@ def test_checkpoint_round_trip_and_best_by_dice(tmp_path):
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     ckpt.close()
+
+
+def test_the_loop_reads_the_device_only_at_log_steps_and_a_stop(
+    synthetic_root, tmp_path, monkeypatch
+):
+    """6 steps logged every 3, SIGTERM while step 5's inputs are taken: the host reads device values
+    twice, after step 3 (the flags of steps 1-3) and after step 5 (the stop: steps 4-5), and
+    converts no other device value from its first step on; so steps 2 and 3 were dispatched before
+    step 1's results were read. The stop is seen at step 5 (one process checks every step) and
+    step 5 is saved."""
+    config = tiny_config(synthetic_root, activation="relu", encoder_channels=(4,), decoder_blocks=1)
+    config.data.val_fraction = 0.0
+    config.train.steps = 6
+    config.train.log_every = 3
+    config.train.checkpoint_every = 100
+    batches, val_cases, validating = training._process_cases(config)
+    assert not validating
+    main = threading.get_ident()
+    taken, reads, conversions = [], [], []
+    busy = threading.local()  # set inside the loop's read and inside checkpoint saves
+
+    class CountingPrefetcher(training.Prefetcher):
+        def __next__(self):
+            batch = super().__next__()
+            taken.append(len(taken) + 1)  # the step whose update is dispatched next
+            if len(taken) == 5:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return batch
+
+    def read(tree):
+        reads.append((len(taken), len(tree["skipped"])))
+        busy.on = True
+        try:
+            return jax.device_get(tree)
+        finally:
+            busy.on = False
+
+    value = jax_array.ArrayImpl._value  # int(), float(), bool() and jax.device_get of a jax.Array
+
+    def counted(array):
+        if taken and threading.get_ident() == main and not getattr(busy, "on", False):
+            conversions.append(array.shape)
+        return value.fget(array)
+
+    monkeypatch.setattr(training, "Prefetcher", CountingPrefetcher)
+    monkeypatch.setattr(training, "_read", read)
+    monkeypatch.setattr(jax_array.ArrayImpl, "_value", property(counted))
+    ckpt = checkpointing.Checkpoints(tmp_path, writer=True)
+    save = ckpt.save
+
+    def saving(*args):
+        busy.on = True
+        try:
+            save(*args)
+        finally:
+            busy.on = False
+
+    monkeypatch.setattr(ckpt, "save", saving)
+    try:
+        with pytest.raises(training.TrainingInterrupted, match="stopped after step 5") as stopped:
+            training._train(config, tmp_path, ckpt, 0, batches, val_cases, validating)
+        assert ckpt.manager.all_steps() == [5]
+    finally:
+        ckpt.close()
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    assert reads == [(3, 3), (5, 2)] and conversions == []
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3]
 
 
 @pytest.fixture(scope="module")
