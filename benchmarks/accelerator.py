@@ -8,8 +8,8 @@
 
 Runs unattended on jax.default_backend()'s first device. The programs are benchmarks/lowering.py's,
 built for config.model.kernels = 'xla' and, on a CPU backend, 'cpu' too (--kernels names others):
-  'prepare'  training.prepare_inputs on train.batch_size synthetic volumes (noise, a foreground box)
-  'update'   training.update_step on prepare's outputs (state donated and carried from call to call)
+  'prepare'  oss_net_step.prepare_inputs on train.batch_size synthetic volumes (noise, a foreground box)
+  'update'   oss_net_step.update_step on prepare's outputs (state donated and carried from call to call)
   'encode'   the Predictor's encoder pass on one volume
   'decode'   the Predictor's decoder forward on eval.batch_points locations of that volume
 Sizes: the config's (train.batch_size x train.num_points locations, eval.batch_points decoder

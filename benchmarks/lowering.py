@@ -9,8 +9,8 @@
 Builds the programs of an OSS-Net config from shapes only (jax.ShapeDtypeStruct: nothing is
 allocated or run, so any platform and the official sizes work on a CPU) with config.model.kernels
 set to what 'auto' resolves to on --platform (ossnet_jax.kernels.resolve; --kernels names another):
-  'prepare'  training.prepare_inputs: augmentation, location sampling, patches, downscaling, targets
-  'update'   training.update_step: encoder, decoder, loss, gradients, optimizer (state donated)
+  'prepare'  oss_net_step.prepare_inputs: augmentation, location sampling, patches, downscaling, targets
+  'update'   oss_net_step.update_step: encoder, decoder, loss, gradients, optimizer (state donated)
   'encode'   the Predictor's encoder pass on one volume
   'decode'   the Predictor's decoder on eval.batch_points locations
 and prints one JSON line per program:
@@ -63,7 +63,8 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh, NamedSharding
 
-from ossnet_jax import evaluation, families, kernels, parallel, runtime
+from ossnet_jax import families, kernels, parallel, runtime
+from ossnet_jax.families.oss_net import predictor as oss_net_predictor
 from ossnet_jax.train_state import make_optimizer
 
 PLATFORMS = ("cpu", "cuda", "tpu")
@@ -182,7 +183,7 @@ def programs(config: ml_collections.ConfigDict, mesh: Optional[Mesh] = None) -> 
     if mesh is not None:
         return found
     variables = {"params": state.params.slow, "batch_stats": state.batch_stats}
-    predictor = evaluation.Predictor(config, net, variables)
+    predictor = oss_net_predictor.Predictor(config, net, variables)
     image = jax.ShapeDtypeStruct(shape + (channels,), jnp.float32)
     latents, _, source = jax.eval_shape(predictor.encode, variables, image)
     locations = jax.ShapeDtypeStruct((config.eval.batch_points, 3), jnp.int32)

@@ -15,9 +15,9 @@ official networks of each preset. Writes OUT.json, a list of rows
 with total = argument + output + temp - alias (alias: donated buffers reused for outputs), OUT.md (a
 table and the targets) and OUT.png (total against grid voxels and against locations). Phases:
   occupancy networks (o_net, oss_net_a..d); points = locations per volume
-    'prepare'  training.prepare_inputs on the whole volume: augmentation, location sampling, patch
+    'prepare'  oss_net_step.prepare_inputs on the whole volume: augmentation, location sampling, patch
                gathering, downscaling, targets (the host loop runs it in the prefetch thread)
-    'train'    training.update_step on the prepared inputs: forward, loss, update (state donated)
+    'train'    oss_net_step.update_step on the prepared inputs: forward, loss, update (state donated)
     'infer'    what the Predictor runs for one volume: the encoder pass (its argument/output/temp/
                total under "encoder"), then the decoder on `points` locations (the row's argument/
                output/temp). The two run one after the other and the encoder's outputs are the
@@ -62,7 +62,9 @@ import ml_collections
 import numpy as np
 from matplotlib.figure import Figure
 
-from ossnet_jax import evaluation, families, files, runtime, training
+from ossnet_jax import families, files, runtime
+from ossnet_jax.families.oss_net import predictor as oss_net_predictor
+from ossnet_jax.families.oss_net import step as oss_net_step
 from ossnet_jax.families.unet import predictor as unet_inference
 from ossnet_jax.kernels import NAMES, resolve
 from ossnet_jax.train_state import make_optimizer
@@ -130,13 +132,13 @@ def programs(model: str, grid: str, points: int, kernels: str = "auto") -> dict[
     }
     variables = {"params": state.params.slow, "batch_stats": state.batch_stats}
     if model in OCCUPANCY:
-        prepare = jax.jit(functools.partial(training.prepare_inputs, config=config))
+        prepare = jax.jit(functools.partial(oss_net_step.prepare_inputs, config=config))
         inputs = jax.eval_shape(prepare, batch, rng, jax.ShapeDtypeStruct((), jnp.int32))
         update = jax.jit(
-            functools.partial(training.update_step, model=net, tx=tx, config=config),
+            functools.partial(oss_net_step.update_step, model=net, tx=tx, config=config),
             donate_argnums=0,
         )
-        predictor = evaluation.Predictor(config, net, variables)
+        predictor = oss_net_predictor.Predictor(config, net, variables)
         image = jax.ShapeDtypeStruct(shape + (channels,), jnp.float32)
         latents, _, source = jax.eval_shape(predictor.encode, variables, image)
         locations = jax.ShapeDtypeStruct((points, 3), jnp.int32)

@@ -42,9 +42,9 @@ import numpy as np
 
 from ossnet_jax import families, losses, runtime
 from ossnet_jax import kernels as kernel_sets
+from ossnet_jax.families.oss_net.model import OSSNet, build_model, downscale, patch_channels
 from ossnet_jax.models.flops import compiled_flops, decoder_flops, latent_size
-from ossnet_jax.models.oss_net import OSSNet, build_model, downscale
-from ossnet_jax.train_state import make_optimizer, patch_channels
+from ossnet_jax.train_state import make_optimizer
 
 MODELS = ("o_net", "oss_net_a", "oss_net_b", "oss_net_c", "oss_net_d")
 RESULTS = pathlib.Path(__file__).parent / "results"

@@ -1,18 +1,16 @@
 """Train state and optimizer: what a checkpoint holds and how it is updated.
 
 TrainState.params is an optax.LookaheadParams: gradients use the fast weights, evaluation the slow ones.
+Shared by every model family; each family builds its initial state from state_from_variables.
 """
 
-from typing import Any, Optional
+from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-
-from ossnet_jax import kernels as kernel_sets
-from ossnet_jax.models.oss_net import OSSNet, compute_dtype, downscale, observe, patch_source
 
 
 @flax.struct.dataclass
@@ -56,51 +54,6 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
         _pau_labels,
     )
     return optax.lookahead(inner, sync_period=t.lookahead_steps, slow_step_size=t.lookahead_alpha)
-
-
-def patch_channels(config: ml_collections.ConfigDict) -> int:
-    return config.data.num_channels * (2 if config.model.large_patches else 1)
-
-
-def model_inputs(
-    config: ml_collections.ConfigDict, image: jax.Array, locations: jax.Array
-) -> tuple[jax.Array, Optional[jax.Array]]:
-    """Encoder input (B, X/d, Y/d, Z/d, C) and patches (B, N, 7, 7, 7, Cp) (None without patches).
-
-    Patches are cast to train.dtype (bfloat16 halves their memory); the model casts the rest.
-    """
-    low = downscale(image, config.data.downscale, True, kernel_sets.of_config(config))
-    if not config.model.patches:
-        return low, None
-    size, large = config.model.patch_size, config.model.large_patches
-    patches = jax.vmap(lambda v, loc: observe(patch_source(v, large), loc, size))(image, locations)
-    return low, patches.astype(compute_dtype(config.train.get("dtype", "float32")))
-
-
-def init_state(
-    config: ml_collections.ConfigDict,
-    model: OSSNet,
-    tx: optax.GradientTransformation,
-    rng: jax.Array,
-) -> TrainState:
-    """Fresh parameters and optimizer state for one-volume input shapes of the config.
-
-    One compiled program: run op by op, every primitive of the initialisation is compiled on its own,
-    which is slow even for a tiny model (docs/performance.md).
-    """
-    grid = tuple(config.data.grid_shape)
-    d = config.data.downscale
-    low_shape = (1,) + tuple(g // d for g in grid) + (config.data.num_channels,)
-    size = config.model.patch_size
-    patch_shape = (1, 2, size, size, size, patch_channels(config))
-
-    def init(rng: jax.Array) -> TrainState:
-        patches = jnp.zeros(patch_shape) if config.model.patches else None
-        locs = jnp.zeros((1, 2, 3), jnp.int32)
-        variables = model.init({"params": rng}, jnp.zeros(low_shape), locs, patches, train=False)
-        return state_from_variables(variables, tx)
-
-    return jax.jit(init)(rng)
 
 
 def state_from_variables(variables: dict, tx: optax.GradientTransformation) -> TrainState:

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ossnet_jax.models.decoder import Decoder, DecoderBlock, SplitDense
-from ossnet_jax.models.oss_net import OSSNet, remat_mode
+from ossnet_jax.families.oss_net.model import OSSNet, remat_mode
 from ossnet_jax.kernels.cpu.recompute import after_gradient
+from ossnet_jax.models.decoder import Decoder, DecoderBlock, SplitDense
 
 KERNELS = ["xla", "cpu"]
 

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from ossnet_jax.families.oss_net.model import OSSNet, build_model, patch_channels
 from ossnet_jax.models.flops import (
     compiled_flops,
     decoder_flops,
@@ -17,8 +18,6 @@ from ossnet_jax.models.flops import (
     official_flops_per_point,
     same_conv_taps,
 )
-from ossnet_jax.models.oss_net import OSSNet, build_model
-from ossnet_jax.train_state import patch_channels
 from tests.conftest import tiny_config
 
 # XLA's count and the analytic one differ by the location code and casts (a few FLOPs per location);

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from configs import base
-from ossnet_jax import evaluation, reporting
+from ossnet_jax import reporting
 from ossnet_jax.data import labels, nifti
+from ossnet_jax.families.oss_net import predictor as oss_net_predictor
 
 
 def spec_for(mode: str, **overrides) -> labels.LabelSpec:
@@ -135,9 +136,9 @@ def test_every_strategy_in_every_mode_equals_dense_evaluation(mode):
     dense = spec.decide(decode(everything), 0.5)[1].reshape(grid)
     ev = base.get_base_config("small").eval
     ev.octree_finest, ev.octree_confident = 1, 0.0  # exact octree: no interpolated labels
-    for strategy in evaluation.STRATEGIES:
+    for strategy in oss_net_predictor.STRATEGIES:
         ev.strategy = strategy
-        refined, evaluations = evaluation.extract(decode, spec, grid, ev)
+        refined, evaluations = oss_net_predictor.extract(decode, spec, grid, ev)
         np.testing.assert_array_equal(refined, dense, err_msg=strategy)
         assert set(np.unique(refined)) == ({0, 1} if mode == "binary" else {0, 1, 2, 4})
         assert evaluations < (1 if strategy == "dense" else 0.5) * np.prod(grid) + 1
@@ -167,10 +168,10 @@ def test_default_octree_interpolates_logits_close_to_dense_in_every_mode(mode):
     assert set(np.unique(dense)) == ({0, 1} if mode == "binary" else {0, 1, 2, 4})
     ev = base.get_base_config("small").eval
     ev.strategy = "octree"
-    refined, evaluations = evaluation.extract(decode, spec, grid, ev)
+    refined, evaluations = oss_net_predictor.extract(decode, spec, grid, ev)
     changes = sum(np.count_nonzero(np.diff(dense, axis=a)) for a in range(3))
     assert np.count_nonzero(refined != dense) <= 0.05 * changes  # boundary voxels shift, no more
     ev.octree_finest, ev.octree_confident = 1, 0.0
-    exact, exact_evaluations = evaluation.extract(decode, spec, grid, ev)
+    exact, exact_evaluations = oss_net_predictor.extract(decode, spec, grid, ev)
     np.testing.assert_array_equal(exact, dense)
     assert evaluations < 0.3 * exact_evaluations

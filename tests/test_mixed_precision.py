@@ -7,12 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ossnet_jax import kernels, train_state, training
+from ossnet_jax import kernels, train_state
 from ossnet_jax.data import dataset
 from ossnet_jax.evaluation import Predictor
-from ossnet_jax.models import layers
-from ossnet_jax.models.oss_net import build_model
+from ossnet_jax.families.oss_net import model as oss_net_model
+from ossnet_jax.families.oss_net import step as oss_net_step
+from ossnet_jax.families.oss_net.model import build_model
 from ossnet_jax.families.unet.model import build_unet
+from ossnet_jax.models import layers
 from tests.conftest import TINY_GRID, tiny_config, tiny_unet_config
 
 
@@ -23,7 +25,7 @@ def test_bfloat16_forward_is_close_to_float32(tmp_path):
     model16 = build_model(config, "bfloat16")
     image = jax.random.normal(jax.random.key(0), (2,) + TINY_GRID + (4,))
     locs = jax.random.randint(jax.random.key(1), (2, 64, 3), 0, jnp.asarray(TINY_GRID))
-    low, patches = train_state.model_inputs(config, image, locs)
+    low, patches = oss_net_model.model_inputs(config, image, locs)
     variables = model32.init(jax.random.key(2), low, locs, patches, train=False)
     (p32, s32), (p16, s16) = [
         jax.jit(functools.partial(m.apply, train=False))(variables, low, locs, patches)
@@ -42,8 +44,8 @@ def test_bfloat16_train_step_keeps_float32_parameters(synthetic_root):
     train_cases, _ = dataset.load_split(config)
     model = build_model(config)
     tx = train_state.make_optimizer(config)
-    state = train_state.init_state(config, model, tx, jax.random.key(0))
-    step = jax.jit(functools.partial(training.train_step, model=model, tx=tx, config=config))
+    state = oss_net_step.init_state(config, model, tx, jax.random.key(0))
+    step = jax.jit(functools.partial(oss_net_step.train_step, model=model, tx=tx, config=config))
     batch = jax.device_put(dataset.stack_batch(train_cases[:2]))
     new, out = step(state, batch, jax.random.key(1))
     assert out["loss"].dtype == jnp.float32 and np.isfinite(float(out["loss"]))
@@ -59,7 +61,7 @@ def test_predictor_computes_in_eval_dtype(tmp_path):
     model = build_model(config)
     image = jax.random.normal(jax.random.key(0), TINY_GRID + (4,))
     locs = np.asarray(jax.random.randint(jax.random.key(1), (100, 3), 0, jnp.asarray(TINY_GRID)))
-    low, patches = train_state.model_inputs(config, image[None], jnp.asarray(locs)[None])
+    low, patches = oss_net_model.model_inputs(config, image[None], jnp.asarray(locs)[None])
     variables = model.init(jax.random.key(2), low, jnp.asarray(locs)[None], patches, train=False)
     probs = {}
     for dtype in ("float32", "bfloat16"):

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ossnet_jax import train_state
-from ossnet_jax.models.oss_net import OSSNet, build_model
+from ossnet_jax.families.oss_net import model as oss_net_model
+from ossnet_jax.families.oss_net.model import OSSNet, build_model
 from tests.conftest import TINY_GRID, tiny_config
 
 VARIANTS = ["o_net", "oss_net_a", "oss_net_b", "oss_net_c", "oss_net_d"]
@@ -32,7 +32,7 @@ def test_variant_shapes(name, tmp_path):
     b, n = 2, 5
     image = jax.random.normal(jax.random.key(0), (b,) + TINY_GRID + (4,))
     locs = jax.random.randint(jax.random.key(1), (b, n, 3), 0, 16)
-    low, patches = train_state.model_inputs(config, image, locs)
+    low, patches = oss_net_model.model_inputs(config, image, locs)
     assert low.shape == (b, 16, 16, 8, 4)
     if config.model.patches:
         assert patches.shape == (b, n, 7, 7, 7, 8 if config.model.large_patches else 4)
@@ -58,7 +58,7 @@ def test_decode_of_encoded_latents_equals_call(tmp_path):
     model = build_model(config)
     image = jax.random.normal(jax.random.key(0), (1,) + TINY_GRID + (4,))
     locs = jax.random.randint(jax.random.key(1), (1, 9, 3), 0, 16)
-    low, patches = train_state.model_inputs(config, image, locs)
+    low, patches = oss_net_model.model_inputs(config, image, locs)
     variables = model.init(jax.random.key(2), low, locs, patches, train=False)
     logits, _ = model.apply(variables, low, locs, patches, train=False)
     latents, _ = model.apply(variables, low, train=False, method=OSSNet.encode)
@@ -99,7 +99,7 @@ def test_patch_size_is_a_config_value(tmp_path):
     model = build_model(config)
     image = jax.random.normal(jax.random.key(0), (1,) + TINY_GRID + (4,))
     locs = jax.random.randint(jax.random.key(1), (1, 3, 3), 0, 16)
-    low, patches = train_state.model_inputs(config, image, locs)
+    low, patches = oss_net_model.model_inputs(config, image, locs)
     assert patches.shape == (1, 3, 5, 5, 5, 8)
     variables = model.init(jax.random.key(2), low, locs, patches, train=False)
     assert variables["params"]["patch_net"]["conv1"]["kernel"].shape == (5, 5, 5, 8, 4)
@@ -118,7 +118,7 @@ def _kernel_set_models(tmp_path):
         assert models[name].kernels == name
     image = jax.random.normal(jax.random.key(0), (2,) + TINY_GRID + (4,))
     locs = jax.random.randint(jax.random.key(1), (2, 32, 3), 0, jnp.asarray(TINY_GRID))
-    inputs = train_state.model_inputs(tiny_config(tmp_path, kernels="xla"), image, locs)
+    inputs = oss_net_model.model_inputs(tiny_config(tmp_path, kernels="xla"), image, locs)
     low, patches = inputs
     init = {
         name: jax.jit(functools.partial(model.init, train=False))(

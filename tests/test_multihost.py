@@ -20,7 +20,8 @@ import pytest
 
 from ossnet_jax import checkpointing, distributed, train_state, training
 from ossnet_jax.data import dataset, schedule
-from ossnet_jax.models.oss_net import build_model
+from ossnet_jax.families.oss_net import step as oss_net_step
+from ossnet_jax.families.oss_net.model import build_model
 from tests.conftest import tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -63,7 +64,7 @@ def _free_port() -> int:
 
 def _final_state(workdir: pathlib.Path, config: ml_collections.ConfigDict):
     model = build_model(config)
-    template = train_state.init_state(
+    template = oss_net_step.init_state(
         config, model, train_state.make_optimizer(config), jax.random.key(0)
     )
     ckpt = checkpointing.Checkpoints(workdir)

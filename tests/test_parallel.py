@@ -18,8 +18,9 @@ import numpy as np
 
 from ossnet_jax import checkpointing, evaluation, files
 from ossnet_jax.data import dataset, nifti
-from ossnet_jax.models.oss_net import build_model
-from ossnet_jax.train_state import init_state, make_optimizer
+from ossnet_jax.families.oss_net.model import build_model
+from ossnet_jax.families.oss_net.step import init_state
+from ossnet_jax.train_state import make_optimizer
 from tests.conftest import tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -42,8 +43,9 @@ SCRIPT = textwrap.dedent(
     from jax.sharding import PartitionSpec
     from ossnet_jax import parallel, training
     from ossnet_jax.data import dataset
-    from ossnet_jax.models.oss_net import build_model
-    from ossnet_jax.train_state import init_state, make_optimizer
+    from ossnet_jax.families.oss_net.model import build_model
+    from ossnet_jax.families.oss_net.step import init_state
+from ossnet_jax.train_state import make_optimizer
     from tests.conftest import tiny_config
 
     assert jax.device_count() == 2, jax.devices()
@@ -83,7 +85,7 @@ SCRIPT = textwrap.dedent(
 
 
     # Batch 2 over 'data' = 2: the composed step, each device one volume.
-    step = jax.jit(functools.partial(training.train_step, model=model, tx=tx, config=config))
+    step = jax.jit(functools.partial(oss_net_step.train_step, model=model, tx=tx, config=config))
     batch = dataset.stack_batch(train_cases[:2])
     one, out_one = step(jax.device_put(state, device), jax.device_put(batch, device), rng)
     mesh = parallel.data_mesh(2, num_points=config.train.num_points, points_devices=0)
@@ -95,11 +97,11 @@ SCRIPT = textwrap.dedent(
     assert_same(one, out_one, two, out_two)
 
     # Batch 1 over 'points' = 2: the host loop's two stages, each device half of the locations.
-    update = jax.jit(functools.partial(training.update_step, model=model, tx=tx, config=config))
+    update = jax.jit(functools.partial(oss_net_step.update_step, model=model, tx=tx, config=config))
 
 
     def prepared(batch, mesh):
-        prepare = lambda *a: parallel.shard_inputs(training.prepare_inputs(*a, config), mesh)
+        prepare = lambda *a: parallel.shard_inputs(oss_net_step.prepare_inputs(*a, config), mesh)
         return jax.jit(prepare)(batch, rng, jnp.int32(0))
 
 

@@ -20,7 +20,8 @@ import pytest
 
 from ossnet_jax import checkpointing, evaluation, train_state, training
 from ossnet_jax.data import dataset
-from ossnet_jax.models.oss_net import build_model
+from ossnet_jax.families.oss_net import step as oss_net_step
+from ossnet_jax.families.oss_net.model import build_model
 from tests.conftest import tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -45,8 +46,8 @@ def test_nonfinite_batch_skips_the_update_and_a_finite_one_applies_it(synthetic_
     train_cases, _ = dataset.load_split(config)
     model = build_model(config)
     tx = train_state.make_optimizer(config)
-    state = train_state.init_state(config, model, tx, jax.random.key(0))
-    step = jax.jit(functools.partial(training.train_step, model=model, tx=tx, config=config))
+    state = oss_net_step.init_state(config, model, tx, jax.random.key(0))
+    step = jax.jit(functools.partial(oss_net_step.train_step, model=model, tx=tx, config=config))
     batch = dataset.stack_batch(train_cases[:2])
     bad = {**batch, "image": batch["image"].copy()}
     bad["image"][0, 3, 4, 5, 0] = np.nan
@@ -117,7 +118,7 @@ def test_restore_into_another_model_names_checkpoint_and_paths(two_steps):
     config, workdir = two_steps
     changed = tiny_config(pathlib.Path(config.data.root), decoder_width=8)
     model = build_model(changed)
-    template = train_state.init_state(
+    template = oss_net_step.init_state(
         changed, model, train_state.make_optimizer(changed), jax.random.key(0)
     )
     ckpt = checkpointing.Checkpoints(workdir)
@@ -377,7 +378,7 @@ def _restore(workdir: pathlib.Path, step: int):
     config = evaluation.load_config(workdir)
     model = build_model(config)
     template = jax.eval_shape(
-        lambda: train_state.init_state(
+        lambda: oss_net_step.init_state(
             config, model, train_state.make_optimizer(config), jax.random.key(0)
         )
     )

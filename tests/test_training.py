@@ -15,7 +15,9 @@ from jax._src import array as jax_array
 
 from ossnet_jax import checkpointing, evaluation, kernels, reporting, train_state, training
 from ossnet_jax.data import dataset
-from ossnet_jax.models.oss_net import build_model
+from ossnet_jax.families.oss_net import model as oss_net_model
+from ossnet_jax.families.oss_net import step as oss_net_step
+from ossnet_jax.families.oss_net.model import build_model
 from tests.conftest import tiny_config
 
 
@@ -35,7 +37,7 @@ def test_pau_coefficients_get_ten_times_the_step(tmp_path):
     config = tiny_config(tmp_path)
     model = build_model(config)
     tx = train_state.make_optimizer(config)
-    state = train_state.init_state(config, model, tx, jax.random.key(0))
+    state = oss_net_step.init_state(config, model, tx, jax.random.key(0))
     grads = jax.tree.map(jnp.ones_like, state.params.fast)
     updates, _ = jax.jit(tx.update)(grads, state.opt_state, state.params)
     # RAdam's first steps are momentum SGD: the step is lr times the (bias-corrected) gradient.
@@ -51,8 +53,8 @@ def test_loss_falls_on_a_fixed_batch(synthetic_root):
     train_cases, _ = dataset.load_split(config)
     model = build_model(config)
     tx = train_state.make_optimizer(config)
-    state = train_state.init_state(config, model, tx, jax.random.key(0))
-    step = jax.jit(functools.partial(training.train_step, model=model, tx=tx, config=config))
+    state = oss_net_step.init_state(config, model, tx, jax.random.key(0))
+    step = jax.jit(functools.partial(oss_net_step.train_step, model=model, tx=tx, config=config))
     batch = jax.device_put(dataset.stack_batch(train_cases[:2]))
     losses = []
     for _ in range(25):
@@ -73,12 +75,12 @@ def test_separate_prepare_and_update_calls_equal_the_composed_step(synthetic_roo
     train_cases, _ = dataset.load_split(config)
     model = build_model(config)
     tx = train_state.make_optimizer(config)
-    composed = train_state.init_state(config, model, tx, jax.random.key(0))
+    composed = oss_net_step.init_state(config, model, tx, jax.random.key(0))
     split = jax.tree.map(jnp.copy, composed)
     kwargs = dict(model=model, tx=tx, config=config)
-    step = jax.jit(functools.partial(training.train_step, **kwargs))
-    prepare = jax.jit(functools.partial(training.prepare_inputs, config=config))
-    update = jax.jit(functools.partial(training.update_step, **kwargs))
+    step = jax.jit(functools.partial(oss_net_step.train_step, **kwargs))
+    prepare = jax.jit(functools.partial(oss_net_step.prepare_inputs, config=config))
+    update = jax.jit(functools.partial(oss_net_step.update_step, **kwargs))
     batch = jax.device_put(dataset.stack_batch(train_cases[:2]))
     rng = jax.random.key(1)
     for s in range(2):
@@ -108,7 +110,7 @@ def test_update_inputs_do_not_grow_with_the_grid_when_the_encoder_input_does_not
             "target": jax.ShapeDtypeStruct((2,) + grid, jnp.uint8),
             "band": jax.ShapeDtypeStruct((2,) + grid, jnp.bool_),
         }
-        prepare = functools.partial(training.prepare_inputs, config=config)
+        prepare = functools.partial(oss_net_step.prepare_inputs, config=config)
         inputs = jax.eval_shape(prepare, batch, jax.random.key(0), jnp.int32(0))
         shapes.append({k: (v.shape, v.dtype) for k, v in inputs.items()})
     assert shapes[0] == shapes[1]
@@ -120,7 +122,7 @@ def test_checkpoint_round_trip_and_best_by_dice(tmp_path):
     config = tiny_config(tmp_path)
     model = build_model(config)
     tx = train_state.make_optimizer(config)
-    state = train_state.init_state(config, model, tx, jax.random.key(0))
+    state = oss_net_step.init_state(config, model, tx, jax.random.key(0))
     ckpt = checkpointing.Checkpoints(tmp_path / "work")
     for step, dice in [(1, 0.4), (2, 0.9), (3, None), (4, 0.5), (5, None), (6, None)]:
         state = state.replace(
@@ -129,7 +131,7 @@ def test_checkpoint_round_trip_and_best_by_dice(tmp_path):
         ckpt.save(step, state, None if dice is None else {"val_dice": dice})
     assert ckpt.manager.all_steps() == [2, 4, 5, 6]  # last 3 plus the best
     assert ckpt.best_step() == 2 and ckpt.latest_step() == 6
-    template = train_state.init_state(config, model, tx, jax.random.key(1))
+    template = oss_net_step.init_state(config, model, tx, jax.random.key(1))
     restored = ckpt.restore(6, template)
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -215,7 +217,7 @@ def trained(synthetic_root, tmp_path_factory):
 
 def _params(workdir, config, step):
     model = build_model(config)
-    template = train_state.init_state(
+    template = oss_net_step.init_state(
         config, model, train_state.make_optimizer(config), jax.random.key(0)
     )
     ckpt = checkpointing.Checkpoints(workdir)
@@ -277,7 +279,7 @@ def test_predictor_batches_equal_direct_application_on_every_voxel(trained):
     grid, evaluations = predictor.predict(image)
     assert evaluations == grid.size
     locs = np.argwhere(np.ones(grid.shape, bool)).astype(np.int32)
-    low, patches = train_state.model_inputs(
+    low, patches = oss_net_model.model_inputs(
         config, jnp.asarray(image)[None], jnp.asarray(locs)[None]
     )
     model = build_model(config)

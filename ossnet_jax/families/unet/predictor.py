@@ -2,7 +2,7 @@
 
 Both call a jitted network on fixed-size batches (windows or slices), so it compiles once per window
 shape, and return probabilities on the whole grid. UNetPredictor offers the interface of
-evaluation.Predictor: predict(image) -> (label map in label values on the grid, voxels the network
+families/oss_net/predictor.Predictor: predict(image) -> (label map in label values on the grid, voxels the network
 produced), compile(image), spec, variables.
 """
 

@@ -1,6 +1,6 @@
 """Training the U-Nets: random crops (3D) or axial slices (2D) of augmented volumes, Dice + cross-entropy.
 
-The step has the contract of training.train_step: one pure jitted update from a batch of whole volumes
+The step has the contract of OSS-Net's train_step (families/oss_net/step.py): one pure jitted update from a batch of whole volumes
 {'image' (B, X, Y, Z, C), 'target' (B, X, Y, Z), 'band'}, randomness fold_in(seed, step), augmentation
 of the whole volumes on the device (data/augment.py), NaN/Inf updates skipped (train_state.guarded_update).
 Then, instead of sampling locations:
@@ -21,8 +21,8 @@ from ossnet_jax import kernels as kernel_sets
 from ossnet_jax import losses, metrics
 from ossnet_jax.data import augment, labels, sampling
 from ossnet_jax.families.unet.model import ResidualUNet
-from ossnet_jax.train_state import TrainState, guarded_update, lr_schedule, state_from_variables
 from ossnet_jax.families.unet.predictor import UNetPredictor, clip_window
+from ossnet_jax.train_state import TrainState, guarded_update, lr_schedule, state_from_variables
 
 
 def init_state(

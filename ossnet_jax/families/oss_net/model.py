@@ -207,3 +207,23 @@ def observe(source: dict, locations: jax.Array, size: int) -> jax.Array:
         large = gather_large_patches(source["parity"], locations, size)
         patches = jnp.concatenate([patches, large], axis=-1)
     return patches
+
+
+def patch_channels(config: ml_collections.ConfigDict) -> int:
+    """Channels of a location's patch: the volume's, doubled with large patches."""
+    return config.data.num_channels * (2 if config.model.large_patches else 1)
+
+
+def model_inputs(
+    config: ml_collections.ConfigDict, image: jax.Array, locations: jax.Array
+) -> tuple[jax.Array, Optional[jax.Array]]:
+    """Encoder input (B, X/d, Y/d, Z/d, C) and patches (B, N, 7, 7, 7, Cp) (None without patches).
+
+    Patches are cast to train.dtype (bfloat16 halves their memory); the model casts the rest.
+    """
+    low = downscale(image, config.data.downscale, True, kernel_sets.of_config(config))
+    if not config.model.patches:
+        return low, None
+    size, large = config.model.patch_size, config.model.large_patches
+    patches = jax.vmap(lambda v, loc: observe(patch_source(v, large), loc, size))(image, locations)
+    return low, patches.astype(compute_dtype(config.train.get("dtype", "float32")))
