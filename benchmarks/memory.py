@@ -319,7 +319,8 @@ def _find(
 
 
 def targets(rows: list[dict]) -> list[str]:
-    """Lines on the targets: OSS-Net C train (2^14) vs the 3D U-Net, and growth brats -> brats_2x."""
+    """Lines on the targets: OSS-Net C train (2^14) vs the 3D U-Net, growth brats -> brats_2x, and the
+    whole step's device peak with either train.prepare."""
     lines = []
     points = 2**14
     c = {g: _find(rows, "oss_net_c", g, "train", points) for g in ("brats", "brats_2x")}
@@ -347,6 +348,15 @@ def targets(rows: list[dict]) -> list[str]:
             f"- oss_net_c prepare stage (whole volume) growth brats -> brats_2x: x{growth:.2f} "
             f"({p['brats']['total_bytes'] / MIB:.0f} -> {p['brats_2x']['total_bytes'] / MIB:.0f} MiB)"
         )
+    for g in ("brats", "brats_2x"):
+        if c[g] and p[g]:
+            device = max(c[g]["total_bytes"], p[g]["total_bytes"]) / MIB
+            host = c[g]["total_bytes"] / MIB  # its arguments are the prepared inputs
+            lines.append(
+                f"- oss_net_c whole step's device peak at {g}: {device:.0f} MiB with "
+                f"train.prepare='device' (max of prepare and update), {host:.0f} MiB with 'host' "
+                "(the update alone; prepare runs on the host CPU)"
+            )
     return lines
 
 

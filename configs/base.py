@@ -93,6 +93,9 @@ def get_base_config(preset: str = "brats") -> ml_collections.ConfigDict:
     # devices that split each volume's train.num_points locations (parallel.py's 'points' mesh axis):
     # 0 auto: those the batch leaves idle (batch per process < its devices); 1 none; k: exactly k
     train.points_devices = 0
+    # where prepare_inputs (augmentation, sampling, patches of the whole volumes) runs: 'device' or
+    # 'host' (the host's CPU: accelerator memory then holds only what the update reads; one process)
+    train.prepare = "device"
     train.dtype = (
         "float32"  # 'bfloat16': compute in bfloat16; parameters, loss, BN statistics float32
     )

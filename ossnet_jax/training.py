@@ -17,7 +17,7 @@ import shutil
 import signal
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -322,6 +322,40 @@ def _record_skips(
     return consecutive
 
 
+PREPARE_MODES = ("device", "host")
+
+
+def _host_preparation(
+    family: families.Family,
+    config: ml_collections.ConfigDict,
+    make_batch: schedule.ProcessBatches,
+    rng: jax.Array,
+    mesh: Any,
+) -> Callable[[int], dict]:
+    """step -> the update's inputs, prepared by the family's prepare_inputs on the host's first CPU
+    device (train.prepare = 'host') and then placed as the device path places them.
+
+    The whole volumes, their augmentation and the patch gathering then occupy host memory only; the
+    accelerator holds what the update reads (downscaled volumes, locations, patches). The program
+    is the device path's, with the same kernel set, so the draws are the same. One process only:
+    with several, each holds only its rows of the global batch, which the draws are a function of.
+    """
+    if jax.process_count() > 1:
+        raise ValueError("train.prepare = 'host' supports one process; use 'device' with several")
+    host = jax.local_devices(backend="cpu")[0]
+    prepare = jax.jit(functools.partial(family.prepare_inputs, config=config))
+    key = jax.device_put(rng, host)
+    target = jax.local_devices()[0]
+
+    def inputs_of(step: int) -> dict:
+        with jax.default_device(host):
+            inputs = prepare(make_batch(step), key, jnp.asarray(step, jnp.int32))
+        placement = target if mesh is None else parallel.input_shardings(inputs, mesh)
+        return jax.device_put(inputs, placement)
+
+    return inputs_of
+
+
 def _train(
     config: ml_collections.ConfigDict,
     workdir: pathlib.Path,
@@ -368,8 +402,14 @@ def _train(
         files.write_json(workdir / "config.json", json.loads(config.to_json()))
     rng = jax.random.key(t.seed)
     batch_of = lambda s: parallel.shard_batch(make_batch(s), mesh)
+    preparation = t.get("prepare", "device")
+    if preparation not in PREPARE_MODES:
+        raise ValueError(f"train.prepare must be one of {PREPARE_MODES}, got {preparation!r}")
     if family.prepare_inputs is None:
         inputs_of, update = batch_of, family.train_step
+    elif preparation == "host":  # the same program on the host's CPU
+        inputs_of = _host_preparation(family, config, make_batch, rng, mesh)
+        update = family.update_step
     else:  # the grid-sized stage runs in the prefetch thread, the update sees its outputs only
         prepare = jax.jit(
             lambda batch, key, s: parallel.shard_inputs(

@@ -13,7 +13,15 @@ import numpy as np
 import pytest
 from jax._src import array as jax_array
 
-from ossnet_jax import checkpointing, evaluation, kernels, reporting, train_state, training
+from ossnet_jax import (
+    checkpointing,
+    evaluation,
+    families,
+    kernels,
+    reporting,
+    train_state,
+    training,
+)
 from ossnet_jax.data import dataset
 from ossnet_jax.families.oss_net import model as oss_net_model
 from ossnet_jax.families.oss_net import step as oss_net_step
@@ -315,3 +323,22 @@ def test_checkpoint_trained_with_cpu_kernels_evaluates_with_xla_kernels(trained)
         np.testing.assert_allclose(np.asarray(xla), np.asarray(cpu), rtol=1e-5, atol=1e-5)
     probabilities = out["xla"][2]
     assert probabilities.std() > 1e-3  # a field that varies: the comparison is not of constants
+
+
+def test_host_preparation_gives_the_device_path_inputs(synthetic_root):
+    """train.prepare = 'host' runs the same program on the host's CPU device: the same draws."""
+    config = tiny_config(synthetic_root)
+    config.train.prepare = "host"
+    family = families.get_family(config)
+    batches, _, _ = training._process_cases(config)
+    rng = jax.random.key(config.train.seed)
+    on_host = training._host_preparation(family, config, batches, rng, None)
+    on_device = jax.jit(functools.partial(family.prepare_inputs, config=config))
+    for step in (0, 3):
+        host = on_host(step)
+        device = on_device(batches(step), rng, jnp.asarray(step, jnp.int32))
+        assert sorted(host) == sorted(device) and {"low", "locations", "patches"} <= set(host)
+        for key in host:
+            assert host[key].devices() == {jax.local_devices()[0]}
+            np.testing.assert_array_equal(np.asarray(host[key]), np.asarray(device[key]))
+    assert not np.array_equal(np.asarray(on_host(0)["locations"]), np.asarray(on_host(3)["locations"]))
