@@ -1,4 +1,4 @@
-"""The layers (PAU, batch norms, the residual 3D block, the encoder) of both kernel sets against
+"""The layers (PAU, batch norms, the residual block, the encoder) of both kernel sets against
 float64 numpy references and flax's own modules. The kernel sets' operations alone are tested in
 tests/test_kernels.py."""
 
@@ -90,13 +90,28 @@ def test_cbn_conditions_per_volume_and_uses_running_stats_at_eval(kernels):
 
 @pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("cin,cout", [(4, 4), (4, 8)])
-def test_residual_block_halves_spatial_shape(cin, cout, kernels):
-    x = jnp.ones((2, 8, 6, 4, cin))
-    block = layers.ResidualBlock3D(cout, kernels=kernels)
+@pytest.mark.parametrize("spatial", [(8, 6, 4), (8, 6)])
+@pytest.mark.parametrize("downsample", [True, False])
+def test_residual_block_halves_spatial_shape_with_downsample(
+    cin, cout, kernels, spatial, downsample
+):
+    x = jnp.ones((2, *spatial, cin))
+    block = layers.ResidualBlock(cout, kernels=kernels, downsample=downsample)
     variables = block.init(jax.random.key(0), x, train=False)
-    y = block.apply(variables, x, train=False)
-    assert y.shape == (2, 4, 3, 2, cout)
+    for train in (False, True):
+        y, _ = block.apply(variables, x, train=train, mutable=["batch_stats"])
+        assert y.shape == (2, *(s // 2 if downsample else s for s in spatial), cout)
     assert ("shortcut" in variables["params"]) == (cin != cout)
+    rank = len(spatial)
+    assert variables["params"]["conv1"]["kernel"].shape == (3,) * rank + (cin, cout)
+
+
+def test_residual_block_refuses_other_ranks_and_2d_recomputation():
+    with pytest.raises(ValueError, match="input"):
+        layers.ResidualBlock(4).init(jax.random.key(0), jnp.ones((2, 8, 3)), train=False)
+    block = layers.ResidualBlock(4, recompute_conv1=True)
+    with pytest.raises(ValueError, match="3D"):
+        block.init(jax.random.key(0), jnp.ones((2, 8, 8, 3)), train=True)
 
 
 def test_spatial_shape_after_checks_divisibility():
@@ -169,7 +184,7 @@ def test_residual_block_equals_reference_order_with_gradients(
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.normal(size=(2, 8, 6, 4, 3)), jnp.float32)
     weight = jnp.asarray(rng.normal(size=(2, 4, 3, 2, 5)), jnp.float32)
-    ours = layers.ResidualBlock3D(5, kernels=kernels, recompute_conv1=recompute_conv1)
+    ours = layers.ResidualBlock(5, kernels=kernels, recompute_conv1=recompute_conv1)
     reference = _ReferenceBlock(5)
     variables = ours.init(jax.random.key(0), x, train=True)
     params = jax.tree.map(
@@ -202,12 +217,13 @@ def test_residual_block_equals_reference_order_with_gradients(
 
 
 @pytest.mark.parametrize("kernels", KERNELS)
-def test_batch_norm_equals_flax_batch_norm_values_statistics_and_gradients(kernels):
+@pytest.mark.parametrize("shape", [(2, 6, 4, 5, 3), (2, 6, 4, 3)])
+def test_batch_norm_equals_flax_batch_norm_values_statistics_and_gradients(kernels, shape):
     """layers.BatchNorm (in the CPU set one-pass statistics and a hand-written backward) against
     nn.BatchNorm's autodiff and a float64 numpy forward, in training and evaluation mode, running
-    statistics included."""
+    statistics included, on volumes and on slices."""
     rng = np.random.default_rng(5)
-    x = jnp.asarray(1.5 + 2.0 * rng.normal(size=(2, 6, 4, 5, 3)), jnp.float32)
+    x = jnp.asarray(1.5 + 2.0 * rng.normal(size=shape), jnp.float32)
     weight = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
     ours = layers.BatchNorm(kernels=kernels)
     flax_bn = nn.BatchNorm(momentum=layers.BN_MOMENTUM, epsilon=layers.BN_EPSILON)
@@ -233,7 +249,8 @@ def test_batch_norm_equals_flax_batch_norm_values_statistics_and_gradients(kerne
     )(params, x)
 
     x64 = np.asarray(x, np.float64)
-    mean, var = x64.mean(axis=(0, 1, 2, 3)), x64.var(axis=(0, 1, 2, 3))
+    axes = tuple(range(x.ndim - 1))
+    mean, var = x64.mean(axis=axes), x64.var(axis=axes)
     scale, bias = (np.asarray(params[k], np.float64) for k in ("scale", "bias"))
     want = (x64 - mean) / np.sqrt(var + layers.BN_EPSILON) * scale + bias
     np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5)

@@ -1,5 +1,6 @@
-"""U-Net baselines: shapes, skip connections, crops and slices, sliding windows, slice stacking, loss,
-and train -> evaluate through training.train_and_evaluate for both families."""
+"""U-Net baselines: variables as before the shared residual block, that block against the former unit,
+shapes, skip connections, crops and slices, sliding windows, slice stacking, loss, and train ->
+evaluate through training.train_and_evaluate for both families."""
 
 import json
 
@@ -11,11 +12,14 @@ import numpy as np
 import pytest
 
 from ossnet_jax import evaluation, families, losses, training
+from ossnet_jax.data import labels
 from ossnet_jax.families.unet import predictor as unet_inference
 from ossnet_jax.families.unet import step as unet_training
-from ossnet_jax.data import labels
-from ossnet_jax.families.unet.model import ResidualUnit, UNet2D, UNet3D
+from ossnet_jax.families.unet.model import UNet2D, UNet3D, build_unet
+from ossnet_jax.models.layers import BN_EPSILON, BN_MOMENTUM, PAU, ResidualBlock
 from tests.conftest import tiny_unet_config
+
+KERNELS = ["xla", "cpu"]
 
 
 def _init(model, shape):
@@ -52,47 +56,223 @@ def _output_shape(model, shape, **kwargs):
     return jax.eval_shape(run)
 
 
-@pytest.mark.parametrize("shape", [(2, 4, 6, 4, 3), (2, 6, 4, 3)])
-def test_downsampling_unit_equals_shortcut_convolved_before_pooling(shape):
-    """The unit pools its shortcut before the 1^k convolution; the reference order (convolve at full
-    resolution, then pool) gives the same outputs and gradients."""
-    rank = len(shape) - 2
-    unit = ResidualUnit(5, downsample=True)
-    x = jnp.asarray(np.random.default_rng(1).normal(size=shape), jnp.float32)
-    variables = unit.init(jax.random.key(0), x, train=False)
-    pool = lambda h: nn.avg_pool(h, (2,) * rank, strides=(2,) * rank)
+# The variables of two tiny U-Nets as the U-Nets wrote them with their own residual unit (nn.Conv,
+# nn.BatchNorm; before models/layers.py's ResidualBlock served them): "collection/module/.../leaf
+# shape", every leaf float32. Checkpoints written then restore into these trees.
+_UNET3D_VARIABLES_BEFORE = """
+    batch_stats/dec0/bn1/mean 2
+    batch_stats/dec0/bn1/var 2
+    batch_stats/dec0/bn2/mean 2
+    batch_stats/dec0/bn2/var 2
+    batch_stats/down1/bn1/mean 3
+    batch_stats/down1/bn1/var 3
+    batch_stats/down1/bn2/mean 3
+    batch_stats/down1/bn2/var 3
+    batch_stats/stem/bn1/mean 2
+    batch_stats/stem/bn1/var 2
+    batch_stats/stem/bn2/mean 2
+    batch_stats/stem/bn2/var 2
+    params/dec0/act1/denominator 4
+    params/dec0/act1/numerator 6
+    params/dec0/act2/denominator 4
+    params/dec0/act2/numerator 6
+    params/dec0/bn1/bias 2
+    params/dec0/bn1/scale 2
+    params/dec0/bn2/bias 2
+    params/dec0/bn2/scale 2
+    params/dec0/conv1/kernel 3,3,3,4,2
+    params/dec0/conv2/kernel 3,3,3,2,2
+    params/dec0/shortcut/bias 2
+    params/dec0/shortcut/kernel 1,1,1,4,2
+    params/down1/act1/denominator 4
+    params/down1/act1/numerator 6
+    params/down1/act2/denominator 4
+    params/down1/act2/numerator 6
+    params/down1/bn1/bias 3
+    params/down1/bn1/scale 3
+    params/down1/bn2/bias 3
+    params/down1/bn2/scale 3
+    params/down1/conv1/kernel 3,3,3,2,3
+    params/down1/conv2/kernel 3,3,3,3,3
+    params/down1/shortcut/bias 3
+    params/down1/shortcut/kernel 1,1,1,2,3
+    params/head/bias 2
+    params/head/kernel 1,1,1,2,2
+    params/stem/act1/denominator 4
+    params/stem/act1/numerator 6
+    params/stem/act2/denominator 4
+    params/stem/act2/numerator 6
+    params/stem/bn1/bias 2
+    params/stem/bn1/scale 2
+    params/stem/bn2/bias 2
+    params/stem/bn2/scale 2
+    params/stem/conv1/kernel 3,3,3,4,2
+    params/stem/conv2/kernel 3,3,3,2,2
+    params/stem/shortcut/bias 2
+    params/stem/shortcut/kernel 1,1,1,4,2
+    params/up0/ConvTranspose_0/bias 2
+    params/up0/ConvTranspose_0/kernel 2,2,2,3,2
+"""
+_UNET2D_VARIABLES_BEFORE = """
+    batch_stats/dec0/bn1/mean 2
+    batch_stats/dec0/bn1/var 2
+    batch_stats/dec0/bn2/mean 2
+    batch_stats/dec0/bn2/var 2
+    batch_stats/down1/bn1/mean 3
+    batch_stats/down1/bn1/var 3
+    batch_stats/down1/bn2/mean 3
+    batch_stats/down1/bn2/var 3
+    batch_stats/stem/bn1/mean 2
+    batch_stats/stem/bn1/var 2
+    batch_stats/stem/bn2/mean 2
+    batch_stats/stem/bn2/var 2
+    params/dec0/bn1/bias 2
+    params/dec0/bn1/scale 2
+    params/dec0/bn2/bias 2
+    params/dec0/bn2/scale 2
+    params/dec0/conv1/kernel 3,3,4,2
+    params/dec0/conv2/kernel 3,3,2,2
+    params/dec0/shortcut/bias 2
+    params/dec0/shortcut/kernel 1,1,4,2
+    params/down1/bn1/bias 3
+    params/down1/bn1/scale 3
+    params/down1/bn2/bias 3
+    params/down1/bn2/scale 3
+    params/down1/conv1/kernel 3,3,2,3
+    params/down1/conv2/kernel 3,3,3,3
+    params/down1/shortcut/bias 3
+    params/down1/shortcut/kernel 1,1,2,3
+    params/head/bias 1
+    params/head/kernel 1,1,2,1
+    params/stem/bn1/bias 2
+    params/stem/bn1/scale 2
+    params/stem/bn2/bias 2
+    params/stem/bn2/scale 2
+    params/stem/conv1/kernel 3,3,3,2
+    params/stem/conv2/kernel 3,3,2,2
+    params/stem/shortcut/bias 2
+    params/stem/shortcut/kernel 1,1,3,2
+    params/up0/Conv_0/bias 2
+    params/up0/Conv_0/kernel 1,1,3,2
+"""
 
-    def reference(params, x):
-        p, stats = params, variables["batch_stats"]
 
-        def bn(h, name):
-            mean, var = stats[name]["mean"], stats[name]["var"]
-            return (h - mean) / jnp.sqrt(var + 1e-5) * p[name]["scale"] + p[name]["bias"]
+def _variable_table(variables) -> dict:
+    """{"collection/module/.../leaf": (shape, dtype name)} of a variables tree (arrays or shapes)."""
+    flat = jax.tree_util.tree_flatten_with_path(variables)[0]
+    return {"/".join(k.key for k in path): (leaf.shape, str(leaf.dtype)) for path, leaf in flat}
 
-        conv = lambda h, name, k: jax.lax.conv_general_dilated(
-            h,
-            p[name]["kernel"],
-            (1,) * rank,
-            "SAME",
-            dimension_numbers=("NHWC", "HWIO", "NHWC")
-            if rank == 2
-            else ("NDHWC", "DHWIO", "NDHWC"),
+
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize(
+    "model, shape, table",
+    [
+        (
+            UNet3D(channels=(2, 3), num_outputs=2, activation="pau"),
+            (1, 4, 4, 4, 4),
+            _UNET3D_VARIABLES_BEFORE,
+        ),
+        (
+            UNet2D(channels=(2, 3), num_outputs=1, upsample="resize"),
+            (1, 4, 4, 3),
+            _UNET2D_VARIABLES_BEFORE,
+        ),
+    ],
+)
+def test_unet_variables_are_those_of_checkpoints_written_before(kernels, model, shape, table):
+    """The U-Nets on the shared residual block have the parameter and batch_stats trees (names,
+    shapes, dtypes) of the U-Nets before it, in either kernel set."""
+    model = model.clone(kernels=kernels)
+    variables = jax.eval_shape(lambda: _init(model, shape))
+    rows = [line.split() for line in table.strip().splitlines()]
+    expected = {path: (tuple(int(n) for n in dims.split(",")), "float32") for path, dims in rows}
+    assert _variable_table(variables) == expected
+
+
+class _FormerUnit(nn.Module):
+    """The U-Nets' former residual unit from flax's own modules, with the shortcut in the reference
+    order (convolved at full resolution, then pooled): conv3 -> BN -> act -> [avgpool2] -> conv3 -> BN,
+    plus the 1-conv shortcut, -> act, for 2 or 3 spatial axes."""
+
+    features: int
+    downsample: bool
+    activation: str
+
+    @nn.compact
+    def __call__(self, x, train):
+        rank = x.ndim - 2
+        act = {"relu": lambda name: nn.relu, "pau": lambda name: PAU(name=name)}[self.activation]
+        norm = lambda name: nn.BatchNorm(
+            use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name
         )
-        h = pool(jax.nn.relu(bn(conv(x, "conv1", 3), "bn1")))
-        h = bn(conv(h, "conv2", 3), "bn2")
-        shortcut = conv(x, "shortcut", 1) + p["shortcut"]["bias"]
-        return jax.nn.relu(h + pool(shortcut))
+        pool = lambda h: nn.avg_pool(h, (2,) * rank, strides=(2,) * rank) if self.downsample else h
+        h = nn.Conv(self.features, (3,) * rank, use_bias=False, name="conv1")(x)
+        h = pool(act("act1")(norm("bn1")(h)))
+        h = norm("bn2")(nn.Conv(self.features, (3,) * rank, use_bias=False, name="conv2")(h))
+        shortcut = x
+        if x.shape[-1] != self.features:
+            shortcut = nn.Conv(self.features, (1,) * rank, name="shortcut")(x)
+        return act("act2")(h + pool(shortcut))
 
-    ours = lambda params, x: unit.apply({**variables, "params": params}, x, train=False)
-    weight = jnp.asarray(np.random.default_rng(2).normal(size=ours(variables["params"], x).shape))
-    loss = lambda fn: jax.value_and_grad(lambda p, x: jnp.sum(fn(p, x) * weight), argnums=(0, 1))
-    (value, grads), (ref_value, ref_grads) = (
-        loss(ours)(variables["params"], x),
-        loss(reference)(variables["params"], x),
+
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("shape", [(2, 4, 6, 4, 3), (2, 6, 4, 3)])
+@pytest.mark.parametrize("downsample", [True, False])
+@pytest.mark.parametrize("activation, features", [("relu", 5), ("pau", 3)])
+def test_residual_block_equals_the_former_unet_unit(
+    kernels, shape, downsample, activation, features
+):
+    """layers.ResidualBlock as the U-Nets build it equals their former unit: the same variables, and
+    in training (batch statistics) the same outputs, gradients and running statistics, in evaluation
+    (running statistics) the same outputs; 3 output features: identity shortcut."""
+    rng = np.random.default_rng(1)
+    ours = ResidualBlock(features, activation, kernels=kernels, downsample=downsample)
+    reference = _FormerUnit(features, downsample, activation)
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    variables = ours.init(jax.random.key(0), x, train=False)
+    ref_variables = reference.init(jax.random.key(0), x, train=False)
+    assert _variable_table(variables) == _variable_table(ref_variables)
+    params = jax.tree.map(
+        lambda p: p + 0.1 * jnp.asarray(rng.normal(size=p.shape), jnp.float32),
+        variables["params"],
     )
+    stats = jax.tree.map(
+        lambda s: s + jnp.asarray(rng.uniform(0.2, 0.5, s.shape), jnp.float32),
+        variables["batch_stats"],
+    )
+    out_shape = ours.apply(variables, x, train=False).shape
+    weight = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
+
+    def train_step(module):
+        def loss(p, x):
+            y, updates = module.apply(
+                {"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
+            )
+            return jnp.sum(y * weight), updates["batch_stats"]
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+
+    (value, new_stats), grads = train_step(ours)
+    (ref_value, ref_stats), ref_grads = train_step(reference)
     np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-5, atol=1e-4)
-    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    for got, want in zip(
+        jax.tree.leaves((grads, new_stats)), jax.tree.leaves((ref_grads, ref_stats))
+    ):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+    evaluate = lambda module: module.apply({"params": params, "batch_stats": stats}, x, train=False)
+    np.testing.assert_allclose(
+        np.asarray(evaluate(ours)), np.asarray(evaluate(reference)), rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("name", ["unet3d", "unet2d"])
+def test_build_unet_takes_the_kernel_set_of_the_config(tmp_path, name):
+    config = tiny_unet_config(tmp_path, name)
+    for kernels in ("xla", "cpu"):
+        config.model.kernels = kernels
+        assert build_unet(config).kernels == kernels
+    config.model.kernels = "auto"
+    assert build_unet(config).kernels == ("cpu" if jax.default_backend() == "cpu" else "xla")
 
 
 @pytest.mark.parametrize("size", [(16, 16, 8), (9, 11, 7)])

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ossnet_jax.models.layers import BatchNorm, Conv3D, ResidualBlock3D, make_activation
+from ossnet_jax.models.layers import BatchNorm, Conv3D, ResidualBlock, make_activation
 
 
 def adaptive_max_pool(x: jax.Array, target: Sequence[int]) -> jax.Array:
@@ -76,7 +76,7 @@ class Encoder(nn.Module):
         x = x.astype(self.dtype)
         features = []
         for i, ch in enumerate(self.channels):
-            block = ResidualBlock3D(
+            block = ResidualBlock(
                 ch,
                 self.activation,
                 self.dropout,

@@ -1,6 +1,8 @@
-"""Building blocks shared by the encoders and the decoder: PAU, batch norms, 3D convolution, residual block.
+"""Building blocks shared by the encoders, the decoder and the U-Nets: PAU, batch norms, 3D convolution,
+residual block.
 
-Arrays are channels-last everywhere: volumes (B, X, Y, Z, C), location features (B, N, F).
+Arrays are channels-last everywhere: volumes (B, X, Y, Z, C), slices (B, X, Y, C), location features
+(B, N, F).
 
 Every module takes `kernels`, the resolved kernel set ('xla' or 'cpu', see ossnet_jax/kernels): the
 arithmetic of each operation is the kernel set's function of the same name, whose plain form is
@@ -32,7 +34,7 @@ __all__ = [
     "Conv3D",
     "PAU",
     "ReLU",
-    "ResidualBlock3D",
+    "ResidualBlock",
     "make_activation",
     "over_rows",
     "spatial_shape_after",
@@ -230,12 +232,19 @@ class ConditionalBatchNorm(nn.Module):
         return ops.scale_shift(x, a.astype(self.dtype), c.astype(self.dtype))
 
 
-class ResidualBlock3D(nn.Module):
-    """conv3^3 -> BN -> act -> avgpool2 -> dropout -> conv3^3 -> BN, plus a pooled (1^3 conv) shortcut,
-    -> act.
+class ResidualBlock(nn.Module):
+    """conv3 -> BN -> act -> avgpool2 -> dropout -> conv3 -> BN, plus a pooled (1-conv) shortcut, -> act:
+    OSS-Net's encoder block and the U-Nets' residual unit.
 
-    Halves every spatial axis: (B, X, Y, Z, Cin) -> (B, X/2, Y/2, Z/2, features), computed in `dtype`
-    (BatchNorm statistics in float32).
+    The rank comes from the input: (B, X, Y, Z, Cin) convolves 3^3 through the kernel set's Conv3D,
+    (B, X, Y, Cin) 3^2 through nn.Conv; the variables are nn.Conv's and nn.BatchNorm's either way:
+    conv1/kernel (3, .., Cin, features), conv2/kernel (3, .., features, features), bn1 and bn2
+    (scale, bias; batch_stats mean, var, (features,)), shortcut/kernel (1, .., Cin, features) and
+    shortcut/bias (features,) where Cin != features, act1 and act2 (a PAU's coefficients).
+
+    With `downsample`, every spatial axis is halved (each must be even): (B, *S, Cin) ->
+    (B, *S/2, features); without, (B, *S, Cin) -> (B, *S, features). Computed in `dtype` (BatchNorm
+    statistics in float32).
     """
 
     features: int
@@ -243,11 +252,18 @@ class ResidualBlock3D(nn.Module):
     dropout: float = 0.0
     dtype: Any = jnp.float32
     kernels: str = "xla"
-    # training: run conv1 again in the backward pass instead of storing its output (`BatchNorm`'s kernel)
+    # training: run conv1 again in the backward pass instead of storing its output (`BatchNorm`'s
+    # kernel); 3D inputs only
     recompute_conv1: bool = False
+    downsample: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        rank = x.ndim - 2
+        if rank not in (2, 3):
+            raise ValueError(f"expected a (B, X, Y[, Z], C) input, got shape {x.shape}")
+        if self.recompute_conv1 and rank != 3:
+            raise ValueError("recompute_conv1 needs a 3D input (the kernel set's conv3d)")
         ops = kernel_sets.get(self.kernels)
         act = make_activation(self.activation)
 
@@ -256,19 +272,27 @@ class ResidualBlock3D(nn.Module):
                 h, train, act(self.kernels, name=act_name), shortcut, kernel
             )
 
-        def conv(features: int, size: int, name: str, use_bias: bool = False) -> Conv3D:
-            return Conv3D(features, size, use_bias, self.dtype, self.kernels, name=name)
+        def conv(features: int, size: int, name: str, use_bias: bool = False) -> nn.Module:
+            if rank == 3:
+                return Conv3D(features, size, use_bias, self.dtype, self.kernels, name=name)
+            return nn.Conv(features, (size,) * rank, use_bias=use_bias, dtype=self.dtype, name=name)
+
+        def pool(v: jax.Array) -> jax.Array:
+            if not self.downsample:
+                return v
+            if rank == 3 and train:
+                return ops.avg_pool2(v)
+            return nn.avg_pool(v, (2,) * rank, strides=(2,) * rank)
 
         conv1 = conv(self.features, 3, "conv1")
         if self.recompute_conv1 and train:
             h = norm_act("bn1", x, "act1", kernel=conv1.parameters(x.shape[-1])[0])
         else:
             h = norm_act("bn1", conv1(x), "act1")
-        pool = ops.avg_pool2 if train else lambda v: nn.avg_pool(v, (2, 2, 2), strides=(2, 2, 2))
         h = pool(h)
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         h = conv(self.features, 3, "conv2")(h)
-        # pooling and the 1^3 convolution commute: pooling the narrower input first moves less data
+        # pooling and the 1^k convolution commute: pooling the narrower input first moves less data
         shortcut = pool(x)
         if x.shape[-1] != self.features:
             shortcut = conv(self.features, 1, "shortcut", use_bias=True)(shortcut)

@@ -5,11 +5,13 @@ Shapes are channels-last: UNet3D maps (B, X, Y, Z, C) to logits (B, X, Y, Z, O),
 K softmax classes for 'multiclass'). Any spatial size works: the input is zero-padded at the far end of
 each axis to a multiple of input_downscale x 2^(levels - 1) and the logits are cropped back.
 
-Encoder: a full-resolution residual unit, then one residual block per further level, each as in
-OSS-NET.md (conv3 -> BN -> act -> avgpool2 -> dropout -> conv3 -> BN, pooled 1^3-conv shortcut, add,
-act), so every level halves each spatial axis. Decoder: per level, upsampling x2 (transposed 2^d
-convolution, or linear resize + 1^d convolution), concatenation with the encoder's features of that
-level (the skip connection), and a residual unit without pooling. Head: a 1^d convolution.
+Encoder: a full-resolution residual block, then one residual block per further level, each OSS-Net's
+(models/layers.py's ResidualBlock: conv3 -> BN -> act -> avgpool2 -> dropout -> conv3 -> BN, pooled
+1^d-conv shortcut, add, act), so every level halves each spatial axis. Decoder: per level, upsampling
+x2 (transposed 2^d convolution, or linear resize + 1^d convolution), concatenation with the encoder's
+features of that level (the skip connection), and a residual block without pooling. Head: a 1^d
+convolution. The blocks compute through the kernel set `kernels` (ossnet_jax/kernels); the
+upsampling and the head are flax's own convolutions.
 """
 
 from typing import Sequence
@@ -19,41 +21,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from ossnet_jax import kernels as kernel_sets
 from ossnet_jax.data.labels import label_spec
-from ossnet_jax.models.layers import BN_EPSILON, BN_MOMENTUM, make_activation
+from ossnet_jax.models.layers import ResidualBlock
 
 UPSAMPLING = ("transpose", "resize")
 FAMILIES = {"unet3d": 3, "unet2d": 2}  # model.name -> spatial axes the network convolves
-
-
-class ResidualUnit(nn.Module):
-    """OSS-Net's residual block for 2 or 3 spatial axes, with or without halving them.
-
-    (B, *S, Cin) -> (B, *S, features), or (B, *S/2, features) with `downsample` (S must be even).
-    """
-
-    features: int
-    downsample: bool
-    activation: str = "relu"
-    dropout: float = 0.0
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        rank = x.ndim - 2
-        act = make_activation(self.activation)
-        norm = lambda name: nn.BatchNorm(
-            use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name
-        )
-        pool = lambda h: nn.avg_pool(h, (2,) * rank, strides=(2,) * rank) if self.downsample else h
-        h = nn.Conv(self.features, (3,) * rank, use_bias=False, name="conv1")(x)
-        h = pool(act(name="act1")(norm("bn1")(h)))
-        h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        h = norm("bn2")(nn.Conv(self.features, (3,) * rank, use_bias=False, name="conv2")(h))
-        # pooling and the 1^k convolution commute: pooling first convolves 2^k times fewer voxels
-        shortcut = pool(x)
-        if x.shape[-1] != self.features:
-            shortcut = nn.Conv(self.features, (1,) * rank, name="shortcut")(shortcut)
-        return act(name="act2")(h + shortcut)
 
 
 class Upsample(nn.Module):
@@ -83,8 +56,9 @@ class ResidualUNet(nn.Module):
         its logits are resized (linear) back to the input's size.
       upsample: 'transpose' or 'resize' (see Upsample).
       activation: 'relu' or 'pau'.
-      dropout: rate inside each residual unit.
+      dropout: rate inside each residual block.
       spatial_dims: 3 (volumes) or 2 (slices).
+      kernels: the resolved kernel set of the residual blocks, 'xla' or 'cpu'.
     """
 
     channels: Sequence[int] = (16, 32, 64, 128)
@@ -94,17 +68,29 @@ class ResidualUNet(nn.Module):
     activation: str = "relu"
     dropout: float = 0.0
     spatial_dims: int = 3
+    kernels: str = "xla"
+
+    def block(self, features: int, downsample: bool, name: str) -> ResidualBlock:
+        """The residual block of one level: (B, *S, Cin) -> (B, *S, features), or (B, *S/2, features)
+        with `downsample`."""
+        return ResidualBlock(
+            features,
+            self.activation,
+            self.dropout,
+            kernels=self.kernels,
+            downsample=downsample,
+            name=name,
+        )
 
     def features(self, x: jax.Array, train: bool) -> list[jax.Array]:
         """Encoder features per level for a padded input: [(B, *S/d/2^l, channels[l]) for l]."""
-        unit = lambda c, down, name: ResidualUnit(c, down, self.activation, self.dropout, name=name)
         d = self.input_downscale
         rank = self.spatial_dims
         if d > 1:
             x = nn.avg_pool(x, (d,) * rank, strides=(d,) * rank)
-        skips = [unit(self.channels[0], False, "stem")(x, train)]
+        skips = [self.block(self.channels[0], False, "stem")(x, train)]
         for level, c in enumerate(self.channels[1:], start=1):
-            skips.append(unit(c, True, f"down{level}")(skips[-1], train))
+            skips.append(self.block(c, True, f"down{level}")(skips[-1], train))
         return skips
 
     @nn.compact
@@ -125,9 +111,7 @@ class ResidualUNet(nn.Module):
         for level in reversed(range(len(self.channels) - 1)):
             h = Upsample(self.channels[level], self.upsample, name=f"up{level}")(h)
             h = jnp.concatenate([h, skips[level]], axis=-1)
-            h = ResidualUnit(
-                self.channels[level], False, self.activation, self.dropout, name=f"dec{level}"
-            )(h, train)
+            h = self.block(self.channels[level], False, f"dec{level}")(h, train)
         logits = nn.Conv(self.num_outputs, (1,) * self.spatial_dims, name="head")(h)
         if self.input_downscale > 1:
             logits = jax.image.resize(logits, x.shape[:-1] + (self.num_outputs,), "linear")
@@ -164,4 +148,5 @@ def build_unet(config: ml_collections.ConfigDict) -> ResidualUNet:
         upsample=m.upsample,
         activation=m.activation,
         dropout=m.dropout,
+        kernels=kernel_sets.of_config(config),
     )

@@ -13,9 +13,9 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from ossnet_jax.kernels import BN_EPSILON
 from ossnet_jax.kernels.cpu.conv import conv3d
 from ossnet_jax.kernels.cpu.recompute import after_gradient
-from ossnet_jax.kernels import BN_EPSILON
 from ossnet_jax.kernels.xla import pau_terms as _pau_terms
 
 # The PAU backward's coefficient sums keep at least this many rows (leading values of x, or a reshape
