@@ -9,10 +9,10 @@ import pytest
 
 from ossnet_jax import kernels, train_state
 from ossnet_jax.data import dataset
-from ossnet_jax.evaluation import Predictor
 from ossnet_jax.families.oss_net import model as oss_net_model
 from ossnet_jax.families.oss_net import step as oss_net_step
 from ossnet_jax.families.oss_net.model import build_model
+from ossnet_jax.families.oss_net.predictor import Predictor
 from ossnet_jax.families.unet.model import build_unet
 from ossnet_jax.models import layers
 from tests.conftest import TINY_GRID, tiny_config, tiny_unet_config

@@ -44,8 +44,9 @@ SCRIPT = textwrap.dedent(
     from ossnet_jax import parallel, training
     from ossnet_jax.data import dataset
     from ossnet_jax.families.oss_net.model import build_model
+    from ossnet_jax.families.oss_net import step as oss_net_step
     from ossnet_jax.families.oss_net.step import init_state
-from ossnet_jax.train_state import make_optimizer
+    from ossnet_jax.train_state import make_optimizer
     from tests.conftest import tiny_config
 
     assert jax.device_count() == 2, jax.devices()
