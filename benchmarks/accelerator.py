@@ -60,6 +60,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from benchmarks import lowering
+from benchmarks.memory import compiled_sizes
 from ossnet_jax import families, runtime
 from ossnet_jax.train_state import make_optimizer
 
@@ -110,18 +111,7 @@ def synthetic_batch(config: ml_collections.ConfigDict) -> dict:
 def memory(compiled: Any) -> dict:
     """XLA's memory analysis of a compiled program in bytes (None each where it gives none)."""
     stats = compiled.memory_analysis()
-    if stats is None:
-        return dict.fromkeys(MEMORY_KEYS)
-    sizes = {
-        "argument_bytes": int(stats.argument_size_in_bytes),
-        "output_bytes": int(stats.output_size_in_bytes),
-        "temp_bytes": int(stats.temp_size_in_bytes),
-        "alias_bytes": int(stats.alias_size_in_bytes),
-    }
-    sizes["total_bytes"] = (
-        sizes["argument_bytes"] + sizes["output_bytes"] + sizes["temp_bytes"] - sizes["alias_bytes"]
-    )
-    return sizes
+    return dict.fromkeys(MEMORY_KEYS) if stats is None else compiled_sizes(stats)
 
 
 def cost_flops(compiled: Any) -> Optional[float]:

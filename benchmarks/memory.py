@@ -195,10 +195,9 @@ def programs(model: str, grid: str, points: int, kernels: str = "auto") -> dict[
     }
 
 
-def analyse(program: Program) -> dict:
-    """XLA's memory analysis of the compiled program, in bytes, and the seconds compiling took."""
-    start = time.perf_counter()
-    stats = program.fn.lower(*program.args).compile().memory_analysis()
+def compiled_sizes(stats: Any) -> dict:
+    """Bytes of a compiled program's memory analysis: arguments, outputs, temporaries, aliased, and
+    their total (arguments + outputs + temporaries - aliased)."""
     sizes = {
         "argument_bytes": int(stats.argument_size_in_bytes),
         "output_bytes": int(stats.output_size_in_bytes),
@@ -208,6 +207,13 @@ def analyse(program: Program) -> dict:
     sizes["total_bytes"] = (
         sizes["argument_bytes"] + sizes["output_bytes"] + sizes["temp_bytes"] - sizes["alias_bytes"]
     )
+    return sizes
+
+
+def analyse(program: Program) -> dict:
+    """XLA's memory analysis of the compiled program, in bytes, and the seconds compiling took."""
+    start = time.perf_counter()
+    sizes = compiled_sizes(program.fn.lower(*program.args).compile().memory_analysis())
     sizes["compile_s"] = round(time.perf_counter() - start, 2)
     return sizes
 

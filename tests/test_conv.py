@@ -36,6 +36,7 @@ def test_conv3d_equals_nn_conv_with_gradients(kernel, use_bias, kernels):
     np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "k,slab_bytes,planes",
     [(3, 1, 1), (3, 2 * 7 * 6 * 27 * 3 * 4, 2), (3, 2**30, 6), (5, 3 * 9 * 8 * 125 * 3 * 4, 3)],

@@ -53,6 +53,7 @@ def test_split_dense_equals_dense_of_the_concatenation_with_gradients():
         np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("num_latents", [1, 3])
 def test_decoder_equals_blocks_on_the_concatenated_input(num_latents, kernels):
@@ -113,6 +114,7 @@ def _training_grad(model, batch_stats):
     return jax.grad(loss, argnums=(0, 1, 2), has_aux=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("num_latents", [1, 4])
 def test_recomputed_blocks_give_the_same_values_gradients_and_statistics(num_latents, kernels):
@@ -157,6 +159,7 @@ def _decode_loss(model, batch_stats, locations, patches, latents):
     return loss
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("mode", ["decoder", "all"])
 def test_recomputed_patch_encoder_and_blocks_give_the_same_decoder_gradients(mode, kernels):
@@ -190,6 +193,7 @@ def test_recomputed_patch_encoder_and_blocks_give_the_same_decoder_gradients(mod
     assert float(jnp.max(jnp.abs(got["patch_net"]["conv1"]["kernel"]))) > 0  # not vacuous
 
 
+@pytest.mark.slow
 def test_recomputed_blocks_keep_their_memory_saving_under_the_entry_points_flags():
     """CPU set only (its `recomputed` ties the recomputation to the gradient). XLA's memory
     analysis of the compiled gradient: with remat the blocks' activations are not stored. The
@@ -225,6 +229,7 @@ def test_recomputed_blocks_refuse_dropout():
         Decoder(8, 1, dropout=0.1, remat=True).init(jax.random.key(0), features, latents, False)
 
 
+@pytest.mark.slow
 def test_weight_gradients_need_no_transposed_copy_of_the_output_gradients():
     """The dense layers run over (rows, F): XLA then takes each weight gradient without first
     writing the layer's output gradient as a (width, rows) array (layers.over_rows). Checked in the
@@ -261,6 +266,7 @@ def test_remat_mode_reads_modes_and_the_old_booleans():
         remat_mode("patches")
 
 
+@pytest.mark.slow
 def test_remat_modes_order_the_compiled_memory_of_a_decode_gradient():
     """CPU set only (remat's memory on XLA:CPU). XLA's memory analysis of OSSNet.decode's gradient:
     'decoder' stores less than 'none' (the blocks' activations), 'all' less again (the patch

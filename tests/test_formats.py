@@ -176,6 +176,7 @@ LAYOUTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_train_and_evaluate_on_each_layout(name, request, tmp_path):
     root_fixture, make_config, mode, regions, key = LAYOUTS[name]

@@ -88,6 +88,7 @@ def test_cbn_conditions_per_volume_and_uses_running_stats_at_eval(kernels):
     np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("cin,cout", [(4, 4), (4, 8)])
 @pytest.mark.parametrize("spatial", [(8, 6, 4), (8, 6)])
@@ -120,6 +121,7 @@ def test_spatial_shape_after_checks_divisibility():
         layers.spatial_shape_after((100, 96, 64), 2, 3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernels", KERNELS)
 def test_cbn_gradients_equal_the_plain_formula(kernels):
     rng = np.random.default_rng(4)
@@ -172,6 +174,7 @@ class _ReferenceBlock(nn.Module):
         return layers.PAU(name="act2")(h + pool(shortcut))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("recompute_conv1", [False, True])
 def test_residual_block_equals_reference_order_with_gradients(
@@ -268,6 +271,7 @@ def test_batch_norm_equals_flax_batch_norm_values_statistics_and_gradients(kerne
     np.testing.assert_allclose(np.asarray(evaluated), np.asarray(ref_eval), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernels", KERNELS)
 def test_encoder_recomputing_its_first_convolution_is_the_same_function_with_less_memory(kernels):
     """Encoder(recompute_stem=True): the same latents, segmentation, statistics and gradients as
@@ -309,6 +313,7 @@ def test_encoder_recomputing_its_first_convolution_is_the_same_function_with_les
         assert recomputed < stored, (recomputed, stored)
 
 
+@pytest.mark.slow
 def test_backward_values_wait_for_the_gradient(monkeypatch):
     """CPU set only (its hand-written backward rules). XLA's memory analysis of an encoder's
     compiled gradient: with the backward rules' residuals tied

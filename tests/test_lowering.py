@@ -52,6 +52,7 @@ def test_host_device_flags_replaces_a_count_and_keeps_other_flags():
     assert flags == "--a=1 --xla_force_host_platform_device_count=2"
 
 
+@pytest.mark.slow
 def test_cpu_kernels_have_the_cpu_forms_and_fail_the_check_on_accelerators():
     """The small preset's encoder input, 48x48x32, has the slab kernel gradient's voxel count."""
     config = lowering.sized(lowering.load_config(SMALL), batch=2, points=64)
@@ -67,6 +68,7 @@ def test_cpu_kernels_have_the_cpu_forms_and_fail_the_check_on_accelerators():
     assert any("update" in f and "conv2d" in f for f in lowering.findings(forced))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
 def test_xla_kernels_are_the_plain_formulation_on_accelerators(platform):
     config = lowering.sized(lowering.load_config(SMALL), **TINY)

@@ -25,6 +25,7 @@ def _config(name, tmp_path):
     return base
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", VARIANTS)
 def test_variant_shapes(name, tmp_path):
     config = _config(name, tmp_path)
@@ -53,6 +54,7 @@ def test_variant_shapes(name, tmp_path):
     assert ("patch_net" in variables["params"]) == config.model.patches
 
 
+@pytest.mark.slow
 def test_decode_of_encoded_latents_equals_call(tmp_path):
     config = _config("oss_net_c", tmp_path)
     model = build_model(config)
@@ -93,6 +95,7 @@ def test_unknown_encoder_is_rejected(tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_patch_size_is_a_config_value(tmp_path):
     config = _config("oss_net_d", tmp_path)
     config.model.patch_size = 5
@@ -129,6 +132,7 @@ def _kernel_set_models(tmp_path):
     return models, (low, locs, patches), init
 
 
+@pytest.mark.slow
 def test_kernel_sets_build_the_same_variables_and_agree_in_the_forward_pass(tmp_path):
     """model.kernels 'xla' and 'cpu' give identical parameter and batch-statistics trees (names,
     shapes, dtypes and initial values: checkpoints move between them), and on the same variables the

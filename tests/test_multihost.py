@@ -160,6 +160,7 @@ def test_auto_mode_finds_a_slurm_job_and_fails_clearly_outside_a_cluster():
     assert processes[2].returncode == 1 and "--distributed=auto: JAX found no cluster" in err
 
 
+@pytest.mark.slow
 def test_two_processes_reach_the_parameters_of_one(synthetic_root, tmp_path):
     config = run_config(synthetic_root)
     dataset.load_split(config)  # writes the dataset and its cache before the processes read them

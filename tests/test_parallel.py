@@ -15,6 +15,7 @@ import textwrap
 
 import jax
 import numpy as np
+import pytest
 
 from ossnet_jax import checkpointing, evaluation, files
 from ossnet_jax.data import dataset, nifti
@@ -168,6 +169,7 @@ EVALUATE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_two_device_evaluation_equals_one_device(synthetic_root, tmp_path):
     """6 cases dealt over 2 devices (3 each, in threads) give the 1-device predictions and rows."""
     config = tiny_config(synthetic_root)

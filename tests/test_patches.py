@@ -120,6 +120,7 @@ def test_patch_encoder_output_shape(kernels):
     assert variables["params"]["conv2"]["kernel"].shape == (7, 7, 7, 4, 1)
 
 
+@pytest.mark.slow
 def test_patch_encoder_weight_gradients_need_no_transposed_copy():
     """CPU set only (its patch GEMMs): they run over (rows, S^3 C), with no (S^3 Cout, rows) copy of
     an output gradient."""

@@ -41,6 +41,7 @@ def _checkpoint_steps(workdir: pathlib.Path) -> list[int]:
     return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
+@pytest.mark.slow
 def test_nonfinite_batch_skips_the_update_and_a_finite_one_applies_it(synthetic_root):
     config = tiny_config(synthetic_root)
     train_cases, _ = dataset.load_split(config)
@@ -78,6 +79,7 @@ def two_steps(synthetic_root, tmp_path_factory):
     return config, workdir
 
 
+@pytest.mark.slow
 def test_resuming_with_another_model_is_refused_and_writes_nothing(two_steps):
     config, workdir = two_steps
     before = _snapshot(workdir)
@@ -92,6 +94,7 @@ def test_resuming_with_another_model_is_refused_and_writes_nothing(two_steps):
     assert _snapshot(workdir) == before
 
 
+@pytest.mark.slow
 def test_config_differences_ignore_tuples_versus_lists_and_train_keys(two_steps):
     config, workdir = two_steps
     saved = json.loads((workdir / "config.json").read_text())
@@ -104,6 +107,7 @@ def test_config_differences_ignore_tuples_versus_lists_and_train_keys(two_steps)
     ]
 
 
+@pytest.mark.slow
 def test_allowed_config_change_reaches_restore_which_names_the_mismatch(two_steps):
     config, workdir = two_steps
     before = _snapshot(workdir)
@@ -114,6 +118,7 @@ def test_allowed_config_change_reaches_restore_which_names_the_mismatch(two_step
     assert _snapshot(workdir) == before
 
 
+@pytest.mark.slow
 def test_restore_into_another_model_names_checkpoint_and_paths(two_steps):
     config, workdir = two_steps
     changed = tiny_config(pathlib.Path(config.data.root), decoder_width=8)
@@ -130,6 +135,7 @@ def test_restore_into_another_model_names_checkpoint_and_paths(two_steps):
     assert "params.fast.decoder_net." in message and "saved (16" in message
 
 
+@pytest.mark.slow
 def test_a_longer_run_resumes_and_nan_batches_stop_it_keeping_the_checkpoint(
     two_steps, monkeypatch, capsys
 ):
@@ -161,6 +167,7 @@ def test_a_longer_run_resumes_and_nan_batches_stop_it_keeping_the_checkpoint(
     assert [r["step"] for r in rows if r.get("skipped_nonfinite") == 1] == [3, 4]
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_between_reads_are_found_at_the_next_read_without_saving(
     two_steps, tmp_path, monkeypatch
 ):
@@ -263,6 +270,7 @@ def test_stop_requests_record_sigint_and_sigterm_then_restore_the_handlers():
     assert training.TrainingInterrupted(signal.SIGTERM, 3, pathlib.Path("/w")).exit_code == 143
 
 
+@pytest.mark.slow
 def test_evaluate_skips_cases_done_for_the_same_step_unless_overwrite(two_steps, capsys):
     config, workdir = two_steps
     out = workdir / "eval"
@@ -406,6 +414,7 @@ def _logged_steps(workdir: pathlib.Path) -> list[int]:
     return [json.loads(line)["step"] for line in lines if '"loss"' in line]
 
 
+@pytest.mark.slow
 def test_killed_and_corrupted_runs_resume_to_the_uninterrupted_parameters(
     start_run, reference, tmp_path
 ):
@@ -442,6 +451,7 @@ def test_killed_and_corrupted_runs_resume_to_the_uninterrupted_parameters(
     assert _logged_steps(workdir) == _logged_steps(reference) == list(range(1, STEPS + 1))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_current_step_and_the_rerun_resumes_from_it(
     start_run, reference, tmp_path
 ):
@@ -464,6 +474,7 @@ def test_sigterm_saves_the_current_step_and_the_rerun_resumes_from_it(
     _assert_same_states(_restore(workdir, STEPS), _restore(reference, STEPS))
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoints_are_named_and_the_newest_good_one_restored(
     reference, tmp_path, capsys
 ):
@@ -517,6 +528,7 @@ def test_only_the_aftermath_of_a_failed_restore_is_silenced():
     assert not checkpointing.is_failed_read_aftermath(RuntimeError("another failure"), None)
 
 
+@pytest.mark.slow
 def test_when_no_checkpoint_can_be_read_none_is_moved_and_all_are_named(reference, tmp_path):
     workdir = tmp_path / "all_corrupt"
     shutil.copytree(reference, workdir)

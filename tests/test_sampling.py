@@ -97,6 +97,7 @@ def test_augment_intensity_changes_have_the_configured_size(kernels):
     assert abs(out.std() - 0.15) < 0.01
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernels", ["xla", "cpu"])
 def test_augment_batch_loop_equals_the_vmapped_augmentation(kernels):
     cfg = ml_collections.ConfigDict(

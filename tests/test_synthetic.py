@@ -68,6 +68,7 @@ def test_rejects_tiny_shape() -> None:
         generate_case(0, 0, (8, 24, 24))
 
 
+@pytest.mark.slow
 def test_full_size_cases(full_cases: list[tuple[np.ndarray, np.ndarray]]) -> None:
     for image, label in full_cases:
         assert set(np.unique(label)) == {0, 1, 2, 4}

@@ -41,6 +41,7 @@ def test_learning_rate_steps_down_at_40_and_60_percent(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_pau_coefficients_get_ten_times_the_step(tmp_path):
     config = tiny_config(tmp_path)
     model = build_model(config)
@@ -54,6 +55,7 @@ def test_pau_coefficients_get_ten_times_the_step(tmp_path):
     np.testing.assert_allclose(np.asarray(pau), 10 * np.asarray(dense).flat[0], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_loss_falls_on_a_fixed_batch(synthetic_root):
     config = tiny_config(synthetic_root)
     config.train.learning_rate = 3e-3
@@ -73,6 +75,7 @@ def test_loss_falls_on_a_fixed_batch(synthetic_root):
     assert int(state.step) == 25
 
 
+@pytest.mark.slow
 def test_separate_prepare_and_update_calls_equal_the_composed_step(synthetic_root):
     """The host loop runs prepare_inputs and update_step as two programs; train_step is one.
 
@@ -126,6 +129,7 @@ def test_update_inputs_do_not_grow_with_the_grid_when_the_encoder_input_does_not
     assert shapes[0]["patches"][0] == (2, 128, 7, 7, 7, 4)
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip_and_best_by_dice(tmp_path):
     config = tiny_config(tmp_path)
     model = build_model(config)
@@ -146,6 +150,7 @@ def test_checkpoint_round_trip_and_best_by_dice(tmp_path):
     ckpt.close()
 
 
+@pytest.mark.slow
 def test_the_loop_reads_the_device_only_at_log_steps_and_a_stop(
     synthetic_root, tmp_path, monkeypatch
 ):
@@ -234,6 +239,7 @@ def _params(workdir, config, step):
     return state
 
 
+@pytest.mark.slow
 def test_training_writes_metrics_config_checkpoints_and_predictions(trained):
     config, workdir, result = trained
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -253,6 +259,7 @@ def test_training_writes_metrics_config_checkpoints_and_predictions(trained):
         assert (workdir / "eval" / "predictions" / f"{case['id']}.nii.gz").exists()
 
 
+@pytest.mark.slow
 def test_resume_reaches_the_same_parameters(trained, tmp_path):
     config, workdir, _ = trained
     resumed = tmp_path / "resumed"
@@ -265,6 +272,7 @@ def test_resume_reaches_the_same_parameters(trained, tmp_path):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_evaluate_reproduces_metrics_from_the_checkpoint(trained):
     _, workdir, result = trained
     again = evaluation.evaluate(evaluation.load_config(workdir), workdir, overwrite=True)
@@ -273,6 +281,7 @@ def test_evaluate_reproduces_metrics_from_the_checkpoint(trained):
         assert a["dice"] == pytest.approx(b["dice"]) and a["iou"] == pytest.approx(b["iou"])
 
 
+@pytest.mark.slow
 def test_predictor_batches_equal_direct_application_on_every_voxel(trained):
     """Refinement with stride 1 only evaluates every voxel: padded fixed-size batches must not change
     the answer compared with one direct model call over the whole grid."""
@@ -304,6 +313,7 @@ def test_predictor_batches_equal_direct_application_on_every_voxel(trained):
     )
 
 
+@pytest.mark.slow
 def test_checkpoint_trained_with_cpu_kernels_evaluates_with_xla_kernels(trained):
     """The run trained with the CPU kernels ('auto' on this backend); its checkpoint, restored into a
     model built with the plain kernels, gives the same latents and probabilities."""

@@ -215,6 +215,7 @@ class _FormerUnit(nn.Module):
         return act("act2")(h + pool(shortcut))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("shape", [(2, 4, 6, 4, 3), (2, 6, 4, 3)])
 @pytest.mark.parametrize("downsample", [True, False])
@@ -318,6 +319,7 @@ def test_random_crops_centre_on_foreground_for_their_share():
     np.testing.assert_array_equal(np.asarray(crops[..., 0]), np.asarray(crop_targets))
 
 
+@pytest.mark.slow
 def test_random_slices_hold_foreground_for_their_share():
     target = np.zeros((2, 10, 10, 30), np.uint8)
     target[:, 4:6, 4:6, 7] = 1  # foreground on one slice only
@@ -412,6 +414,7 @@ def trained(request, synthetic_root, tmp_path_factory):
     return config, workdir, training.train_and_evaluate(config, str(workdir))
 
 
+@pytest.mark.slow
 def test_unet_training_writes_what_oss_net_training_writes(trained):
     config, workdir, result = trained
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -427,6 +430,7 @@ def test_unet_training_writes_what_oss_net_training_writes(trained):
         assert (workdir / "eval" / "predictions" / f"{case['id']}.nii.gz").exists()
 
 
+@pytest.mark.slow
 def test_evaluate_restores_a_unet_checkpoint_with_the_same_metrics(trained):
     _, workdir, result = trained
     again = evaluation.evaluate(evaluation.load_config(workdir), workdir)

@@ -7,6 +7,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from ossnet_jax.kernels.cpu import xla_flags as xla_cpu
 
@@ -45,6 +46,7 @@ def _probe(environ: dict[str, str]) -> tuple[int, float]:
     return int(count), float(error)
 
 
+@pytest.mark.slow
 def test_configure_after_importing_jax_takes_dots_away_from_ynnpack():
     base = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_cpu.OPT_OUT)}
     fused, error_default = _probe({**base, xla_cpu.OPT_OUT: "0"})
