@@ -331,6 +331,7 @@ def test_every_operation_of_both_sets_is_tested_here():
         module = kernels.get(name)
         missing = [op for op in kernels.OPERATIONS if not callable(getattr(module, op, None))]
         assert not missing, (name, missing)
+    assert sorted(kernels.get("cpu").__all__) == sorted(kernels.OPERATIONS)
 
 
 def test_resolve_and_get():
