@@ -68,7 +68,6 @@ from ossnet_jax.families.oss_net import predictor as oss_net_predictor
 from ossnet_jax.train_state import make_optimizer
 
 PLATFORMS = ("cpu", "cuda", "tpu")
-KERNELS = ("auto", "xla", "cpu")
 TRAIN_PROGRAMS = ("prepare", "update")
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
@@ -297,7 +296,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--platform", required=True, choices=PLATFORMS)
     parser.add_argument("--config", required=True, help="path/to/config.py[:arg]")
-    parser.add_argument("--kernels", default="auto", choices=KERNELS)
+    parser.add_argument("--kernels", default="auto", choices=kernels.NAMES)
     parser.add_argument("--devices", type=int, help="compile the train programs on N CPU devices")
     parser.add_argument("--batch", type=int, help="train.batch_size")
     parser.add_argument("--points", type=int, help="train.num_points and eval.batch_points")
