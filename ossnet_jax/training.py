@@ -191,6 +191,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     the training cases (data/schedule.py), the primary alone the validation cases; the primary writes
     the logs and config.json, validates and evaluates, and the others return {}.
     """
+    preparation = config.train.get("prepare", "device")
+    if preparation not in PREPARE_MODES:  # before anything is read or written
+        raise ValueError(f"train.prepare must be one of {PREPARE_MODES}, got {preparation!r}")
     config = dataset.resolve_data_config(config)
     workdir = pathlib.Path(workdir)
     checkpoints = workdir / "checkpoints"
@@ -403,8 +406,6 @@ def _train(
     rng = jax.random.key(t.seed)
     batch_of = lambda s: parallel.shard_batch(make_batch(s), mesh)
     preparation = t.get("prepare", "device")
-    if preparation not in PREPARE_MODES:
-        raise ValueError(f"train.prepare must be one of {PREPARE_MODES}, got {preparation!r}")
     if family.prepare_inputs is None:
         inputs_of, update = batch_of, family.train_step
     elif preparation == "host":  # the same program on the host's CPU

@@ -352,3 +352,11 @@ def test_host_preparation_gives_the_device_path_inputs(synthetic_root):
             assert host[key].devices() == {jax.local_devices()[0]}
             np.testing.assert_array_equal(np.asarray(host[key]), np.asarray(device[key]))
     assert not np.array_equal(np.asarray(on_host(0)["locations"]), np.asarray(on_host(3)["locations"]))
+
+
+def test_unknown_preparation_is_refused_before_anything_is_written(synthetic_root, tmp_path):
+    config = tiny_config(synthetic_root)
+    config.train.prepare = "gpu"
+    with pytest.raises(ValueError, match="train.prepare must be one of"):
+        training.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
