@@ -41,10 +41,12 @@ def score(
     target: np.ndarray,
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
     tolerance_mm: float = 1.0,
+    surface_metrics: str = "standard",
 ) -> dict[str, Any]:
-    """Metrics of two label maps (X, Y, Z) in label values with voxel `spacing` (mm) per axis."""
+    """Metrics of two label maps (X, Y, Z) in label values with voxel `spacing` (mm) per axis;
+    `surface_metrics` picks the definition of HD95, ASD and surface Dice (surface.case_metrics)."""
     per_channel = {
-        name: surface.case_metrics(p, t, spacing, tolerance_mm)
+        name: surface.case_metrics(p, t, spacing, tolerance_mm, surface_metrics)
         for name, p, t in zip(spec.names, spec.value_masks(pred), spec.value_masks(target))
     }
     if spec.num_channels == 1:
