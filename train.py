@@ -16,7 +16,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ossnet_jax import distributed, runtime, training
+from ossnet_jax import cli, distributed, runtime, training
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/demo.py", "Configuration file (path[:preset]).")
@@ -62,4 +62,4 @@ def main(argv):
 
 if __name__ == "__main__":
     runtime.prepare()
-    app.run(main)
+    app.run(cli.guarded(main))

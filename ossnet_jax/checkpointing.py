@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as managers
 
 from ossnet_jax import distributed
+from ossnet_jax.errors import ConfigError, UserError
 
 BEST_METRIC = "val_dice"
 MAX_SHOWN_MISMATCHES = 5
@@ -28,7 +29,7 @@ MAX_REASON_CHARS = 400  # the first line of an error; tensorstore's go on with a
 FREE_SPACE_MARGIN_BYTES = 64 << 20  # checkpoint metadata, logs and predictions on top of the arrays
 
 
-class CorruptCheckpointError(RuntimeError):
+class CorruptCheckpointError(UserError, RuntimeError):
     """Finished checkpoints (`path`: one step folder, or the checkpoints folder for all of them) whose
     arrays or metadata cannot be read, e.g. a truncated or deleted file."""
 
@@ -205,7 +206,7 @@ class Checkpoints:
                 for path, saved, expected in mismatches[:MAX_SHOWN_MISMATCHES]
             )
             more = len(mismatches) - MAX_SHOWN_MISMATCHES
-            raise ValueError(
+            raise ConfigError(
                 f"checkpoint {self.directory / str(step)} does not match the model: "
                 f"{len(mismatches)} arrays differ in shape or are missing, first ones:\n{shown}"
                 + (f"\n  ... and {more} more" if more > 0 else "")

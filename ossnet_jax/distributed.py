@@ -23,6 +23,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from ossnet_jax.errors import ConfigError
+
 # Non-primary processes wait at shutdown while the primary evaluates every validation case.
 SHUTDOWN_TIMEOUT_S = 6 * 3600
 MODES = ("manual", "auto")
@@ -54,7 +56,7 @@ def settings(
     range, if 'auto' is given any of the three, or for an unknown mode.
     """
     if mode not in MODES:
-        raise ValueError(f"unknown distributed mode {mode!r}; choose one of {MODES}")
+        raise ConfigError(f"unknown distributed mode {mode!r}; choose one of {MODES}")
     if mode == "auto":
         given = [
             name
@@ -66,7 +68,7 @@ def settings(
             if value is not None
         ]
         if given:
-            raise ValueError(
+            raise ConfigError(
                 f"--distributed=auto detects the cluster itself: leave out {', '.join(given)}, "
                 "or use --distributed=manual"
             )
@@ -78,13 +80,13 @@ def settings(
     count = num_processes if num_processes is not None else environ.get("JAX_NUM_PROCESSES")
     index = process_id if process_id is not None else environ.get("JAX_PROCESS_ID")
     if count is None or index is None:
-        raise ValueError(
+        raise ConfigError(
             f"coordinator {address} given: also give --num_processes and --process_id "
             "(or JAX_NUM_PROCESSES and JAX_PROCESS_ID)"
         )
     count, index = int(count), int(index)
     if count < 1 or not 0 <= index < count:
-        raise ValueError(f"process id {index} is not in [0, {count}) processes")
+        raise ConfigError(f"process id {index} is not in [0, {count}) processes")
     return Settings(address, count, index)
 
 
@@ -108,7 +110,7 @@ def initialize(config: Optional[Settings]) -> None:
     except ValueError as error:
         if config.coordinator_address is not None:
             raise
-        raise ValueError(
+        raise ConfigError(
             f"--distributed=auto: JAX found no cluster environment (Cloud TPU, SLURM, Open MPI, "
             f"Kubernetes) to start from ({error}); give --distributed=manual with "
             "--coordinator_address, --num_processes and --process_id instead"

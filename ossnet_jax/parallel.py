@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ossnet_jax.errors import ConfigError
+
 AXIS = "data"  # splits the batch
 POINTS_AXIS = "points"  # splits each volume's sampled locations
 # prepare_inputs' arrays with a location axis 1 (B, N, ...); its other outputs are per volume.
@@ -57,21 +59,21 @@ def data_mesh(
     """
     processes = jax.process_count()
     if batch_size % processes:
-        raise ValueError(
+        raise ConfigError(
             f"train.batch_size {batch_size} must be a multiple of the {processes} processes"
         )
     local = list(jax.local_devices() if devices is None else devices)
     share = batch_size // processes
     if points_devices < 0:
-        raise ValueError(f"train.points_devices {points_devices} must be 0 (auto), 1 or more")
+        raise ConfigError(f"train.points_devices {points_devices} must be 0 (auto), 1 or more")
     if points_devices > 1:
         if num_points % points_devices:
-            raise ValueError(
+            raise ConfigError(
                 f"train.num_points {num_points} must divide by "
                 f"train.points_devices {points_devices}"
             )
         if points_devices > len(local):
-            raise ValueError(
+            raise ConfigError(
                 f"train.points_devices {points_devices} exceeds the {len(local)} devices of "
                 f"process {jax.process_index()}"
             )

@@ -1,16 +1,25 @@
 """Bad input stops a run before training with an error naming the file, leaving the workdir untouched.
 
 Every fault is a real file on disk: a copy of the tiny synthetic BraTS dataset is damaged per test.
+Each runs train.py's main path in-process (cli.guarded around train_and_evaluate): exit status 2 and
+the message alone on stderr; one test runs train.py itself.
 """
 
+import contextlib
 import gzip
+import io
+import os
+import pathlib
 import shutil
+import subprocess
+import sys
+from unittest import mock
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from ossnet_jax import training
+from ossnet_jax import cli, training
 from ossnet_jax.data import dataset, nifti
 from tests.conftest import tiny_config
 from tests.dataset_writers import write_msd
@@ -32,11 +41,21 @@ def brats(synthetic_root, tmp_path):
 
 
 def stops_before_training(config, workdir, *fragments) -> str:
-    """Runs train_and_evaluate, expects DataError containing every fragment, checks nothing changed."""
+    """Runs train_and_evaluate as train.py does (cli.guarded): expects exit status 2 for a DataError
+    whose message, containing every fragment, ends stderr without a traceback; checks nothing changed."""
     before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
-    with pytest.raises(nifti.DataError) as info:
-        training.train_and_evaluate(config, workdir)
-    message = str(info.value)
+    stderr = io.StringIO()
+    with (
+        mock.patch.dict(os.environ, {cli.TRACEBACK_ENV: "0"}),
+        contextlib.redirect_stderr(stderr),
+        pytest.raises(SystemExit) as stop,
+    ):
+        cli.guarded(lambda argv: training.train_and_evaluate(config, workdir))([])
+    error = stop.value.__context__
+    assert stop.value.code == 2 and isinstance(error, nifti.DataError), error
+    message = str(error)
+    assert stderr.getvalue().endswith(f"\n{message}\n") or stderr.getvalue() == f"{message}\n"
+    assert "Traceback" not in stderr.getvalue()
     for fragment in fragments:
         assert fragment in message, message
     after = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
@@ -169,3 +188,33 @@ def test_empty_label_is_a_valid_case(brats):
     train, val = dataset.load_split(config)
     case = next(c for c in train + val if c.id == "BraTS20_Training_002")
     assert not np.asarray(case.target).any() and not np.asarray(case.band).any()
+
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+BAD_CONFIG = """import pathlib
+
+from tests.conftest import tiny_config
+
+
+def get_config():
+    config = tiny_config(pathlib.Path({root!r}))
+    config.data.format = "brats"
+    return config
+"""
+
+
+@pytest.mark.slow
+def test_train_py_exits_2_with_the_message_alone(brats, tmp_path):
+    """The program itself, in a real process, on a dataset with label value 7: exit status 2 and the
+    message naming the file on stderr, without a traceback."""
+    _, root, workdir = brats
+    label = case_file(root, 5, "seg")
+    rewrite(label, lambda d, a: (np.where(d == 4, 7, d).astype(np.uint8), a))
+    config_file = tmp_path / "bad.py"
+    config_file.write_text(BAD_CONFIG.format(root=str(root)))
+    env = {k: v for k, v in os.environ.items() if k != cli.TRACEBACK_ENV}
+    command = [sys.executable, "train.py", f"--config={config_file}", f"--workdir={workdir}"]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert f"{label}: label values [7] are not in" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from ossnet_jax.data.nifti import DataError
+from ossnet_jax.errors import ConfigError
 
 MODES = ("binary", "multiclass", "brats_regions")
 
@@ -120,16 +121,16 @@ def label_spec(data: ml_collections.ConfigDict) -> LabelSpec:
     """The LabelSpec of config.data (label_mode, labels, label_names, region_names, region_labels)."""
     mode = data.label_mode
     if mode not in MODES:
-        raise ValueError(f"data.label_mode must be one of {MODES}, got {mode!r}")
+        raise ConfigError(f"data.label_mode must be one of {MODES}, got {mode!r}")
     values = tuple(int(v) for v in data.labels)
     if len(values) < 2 or values[0] != 0 or len(set(values)) != len(values) or min(values) < 0:
-        raise ValueError(
+        raise ConfigError(
             "data.labels must list distinct non-negative label values starting with background 0, "
             f"got {values}"
         )
     names = tuple(data.get("label_names", ()) or ())
     if names and len(names) != len(values):
-        raise ValueError(f"data.label_names has {len(names)} names for {len(values)} labels")
+        raise ConfigError(f"data.label_names has {len(names)} names for {len(values)} labels")
     names = names or tuple(f"label_{v}" for v in values)
     if mode == "binary":
         return LabelSpec(mode, values, ("foreground",), np.array([[v != 0] for v in values]))
@@ -139,18 +140,18 @@ def label_spec(data: ml_collections.ConfigDict) -> LabelSpec:
     region_names = tuple(data.region_names)
     region_labels = [tuple(int(v) for v in r) for r in data.region_labels]
     if len(region_names) != len(region_labels) or not region_names:
-        raise ValueError(
+        raise ConfigError(
             "data.region_names and data.region_labels must have the same, non-zero length"
         )
     unknown = sorted({v for r in region_labels for v in r} - set(values[1:]))
     if unknown:
-        raise ValueError(f"data.region_labels uses {unknown}, not among data.labels {values[1:]}")
+        raise ConfigError(f"data.region_labels uses {unknown}, not among data.labels {values[1:]}")
     table = np.array([[v in r for r in region_labels] for v in values])
     spec = LabelSpec(mode, values, region_names, table)
     for d in range(1, len(region_names) + 1):
         pattern = np.arange(len(region_names)) < d
         if not (table == pattern).all(axis=1).any():
-            raise ValueError(
+            raise ConfigError(
                 "brats_regions needs nested regions (each inside the one before, as whole tumour > "
                 f"tumour core > enhancing tumour); no label lies in exactly the first {d} of "
                 f"{region_names} with data.region_labels {region_labels}"

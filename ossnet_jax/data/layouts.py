@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ossnet_jax.data.nifti import DataError
 from ossnet_jax.data.synthetic import DATASET_DIR, MODALITIES
+from ossnet_jax.errors import ConfigError
 
 CASE_PREFIX = "BraTS20_"
 _EXTENSIONS = (".nii.gz", ".nii")
@@ -261,10 +262,10 @@ def find_cases(fmt: str, root: str | os.PathLike[str], subset: str = "training")
         return find_lits_cases(root)
     if fmt == "msd":
         if subset not in ("training", "test"):
-            raise ValueError(f"data.subset must be 'training' or 'test', got {subset!r}")
+            raise ConfigError(f"data.subset must be 'training' or 'test', got {subset!r}")
         task = read_msd_task(root)
         cases = task.training if subset == "training" else task.test
         if not cases:
             raise DataError(f"{task.root / 'dataset.json'}: lists no {subset} cases")
         return cases
-    raise ValueError(f"data.format must be 'synthetic', 'brats', 'lits' or 'msd', got {fmt!r}")
+    raise ConfigError(f"data.format must be 'synthetic', 'brats', 'lits' or 'msd', got {fmt!r}")

@@ -17,12 +17,14 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
+from ossnet_jax.errors import UserError
+
 DEFAULT_MAX_BYTES = 4 * 1024**3
 
 _READ_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, zlib.error, ValueError)
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """An input file or dataset layout is missing, unreadable or invalid."""
 
 

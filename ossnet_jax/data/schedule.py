@@ -16,13 +16,14 @@ import dataclasses
 import numpy as np
 
 from ossnet_jax.data import dataset
+from ossnet_jax.errors import ConfigError
 
 
 def resolve_shards(case_shards: int, batch_size: int, num_cases: int, processes: int) -> int:
     """K: `case_shards`, or `processes` for 0; ValueError unless P | K, K | B and K <= n."""
     shards = case_shards or processes
     if shards % processes or batch_size % shards or shards > num_cases:
-        raise ValueError(
+        raise ConfigError(
             f"train.case_shards {shards} must be a multiple of the {processes} processes, divide "
             f"train.batch_size {batch_size} and be at most the {num_cases} training cases"
         )

@@ -18,6 +18,8 @@ import os
 from types import ModuleType
 from typing import Any, Optional
 
+from ossnet_jax.errors import ConfigError
+
 BN_EPSILON = 1e-5  # batch norm and conditional batch norm, as PyTorch and nn.BatchNorm
 NAMES = ("auto", "xla", "cpu")
 OPERATIONS = (
@@ -45,7 +47,7 @@ def resolve(name: str = "auto", platform: Optional[str] = None) -> str:
     """'xla' or 'cpu' for a model.kernels value; 'auto' picks 'cpu' where `platform` (by default
     jax.default_backend()) is 'cpu'. ValueError for anything but NAMES."""
     if name not in NAMES:
-        raise ValueError(f"model.kernels must be one of {NAMES}, got {name!r}")
+        raise ConfigError(f"model.kernels must be one of {NAMES}, got {name!r}")
     if name != "auto":
         return name
     if platform is None:

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from ossnet_jax import kernels as kernel_sets
+from ossnet_jax.errors import ConfigError
 from ossnet_jax.models.layers import ConditionalBatchNorm, make_activation, over_rows
 
 
@@ -115,7 +116,7 @@ class Decoder(nn.Module):
                 f"decoder with {self.blocks} blocks needs 1 or {self.blocks + 1} latents, got {k}"
             )
         if self.remat and self.dropout:
-            raise ValueError(
+            raise ConfigError(
                 "train.remat recomputes the decoder blocks without their dropout masks: set"
                 " model.dropout = 0 or train.remat = False"
             )
@@ -146,10 +147,10 @@ def decoder_inputs(
     """Concatenates [location code | patch features] per location (latent 0 is added by the Decoder).
 
     Args:
-      locations: (B, N, 3) integer voxel indices of the padded grid.
+      locations: (B, N, 3) voxel coordinates of the padded grid, integer or real (used as real values).
       grid_shape: (X, Y, Z) of that grid.
       patch_features: (B, N, P) or None.
-      encoding: 'normalized' maps indices to [-1, 1]; 'voxel' keeps raw indices (official release).
+      encoding: 'normalized' maps coordinates [0, n - 1] to [-1, 1]; 'voxel' keeps them (official).
       fourier: (3, F) random frequencies or None; adds sin and cos of 2 pi * normalized location @ B.
     Returns:
       (B, N, 3 [+ 2F] [+ P]) float32.
@@ -161,7 +162,7 @@ def decoder_inputs(
     elif encoding == "voxel":
         parts = [loc]
     else:
-        raise ValueError(
+        raise ConfigError(
             f"model.location_encoding must be 'normalized' or 'voxel', got {encoding!r}"
         )
     if fourier is not None:

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ossnet_jax.errors import ConfigError
 from ossnet_jax.models.layers import BatchNorm, Conv3D, ResidualBlock, make_activation
 
 
@@ -72,7 +73,7 @@ class Encoder(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, Optional[jax.Array]]:
         if self.kind not in ("plain", "skip"):
-            raise ValueError(f"model.encoder must be 'plain' or 'skip', got {self.kind!r}")
+            raise ConfigError(f"model.encoder must be 'plain' or 'skip', got {self.kind!r}")
         x = x.astype(self.dtype)
         features = []
         for i, ch in enumerate(self.channels):

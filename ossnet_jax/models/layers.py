@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from ossnet_jax import kernels as kernel_sets
+from ossnet_jax.errors import ConfigError
 from ossnet_jax.kernels import BN_EPSILON
 
 # Least-squares fit of P(x) / (1 + |b1 x| + ... + |b4 x^4|) to leaky ReLU (slope 0.01) on [-3, 3];
@@ -78,7 +79,7 @@ def make_activation(name: str) -> Callable[..., nn.Module]:
     """Returns the activation module class for 'pau' or 'relu'."""
     table = {"pau": PAU, "relu": ReLU}
     if name not in table:
-        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(table)}")
+        raise ConfigError(f"unknown activation {name!r}; choose one of {sorted(table)}")
     return table[name]
 
 
@@ -305,7 +306,7 @@ def spatial_shape_after(
     """Spatial shape of the encoder's last block for a full-resolution grid; checks divisibility."""
     factor = downscale * 2**blocks
     if any(s % factor for s in grid_shape):
-        raise ValueError(
+        raise ConfigError(
             f"data.grid_shape {tuple(grid_shape)} must be divisible by downscale x 2^blocks"
             f" = {factor} along every axis"
         )

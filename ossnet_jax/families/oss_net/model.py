@@ -1,7 +1,9 @@
 """OSS-Net (and O-Net as its patch-free special case): encode once, decode many locations.
 
 Shapes: full-resolution volume (B, X, Y, Z, C) on the padded grid; encoder input (B, X/d, Y/d, Z/d, C)
-with d = data.downscale; locations (B, N, 3) integer voxel indices; logits (B, N) for one output
+with d = data.downscale; locations (B, N, 3) voxel coordinates of that grid, integer indices or real
+values (patches sampled trilinearly, models/patches.py; the location encodings take the real value);
+logits (B, N) for one output
 (binary), (B, N, O) for several (multi-class, regions; see data/labels.py).
 """
 
@@ -14,6 +16,7 @@ import ml_collections
 
 from ossnet_jax import kernels as kernel_sets
 from ossnet_jax.data.labels import label_spec
+from ossnet_jax.errors import ConfigError
 from ossnet_jax.models.decoder import Decoder, decoder_inputs
 from ossnet_jax.models.encoder import Encoder
 from ossnet_jax.models.patches import (
@@ -126,7 +129,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 def compute_dtype(name: str) -> Any:
     """The jnp dtype of a train.dtype / eval.dtype value; ValueError for others."""
     if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+        raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
     return DTYPES[name]
 
 
@@ -138,9 +141,9 @@ def build_model(config: ml_collections.ConfigDict, dtype: Optional[str] = None) 
     """
     m = config.model
     if m.name != "oss_net":
-        raise ValueError(f"model.name {m.name!r} is not an occupancy network model")
+        raise ConfigError(f"model.name {m.name!r} is not an occupancy network model")
     if m.patches and m.patch_size % 2 == 0:
-        raise ValueError(
+        raise ConfigError(
             f"model.patch_size must be odd (the patch encoder's 'same' kernels), got {m.patch_size}"
         )
     spec = label_spec(config.data)
@@ -166,6 +169,11 @@ def build_model(config: ml_collections.ConfigDict, dtype: Optional[str] = None) 
     )
 
 
+def grid_multiple(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    """What divides each axis of data.grid_shape: data.downscale x 2^(encoder blocks), each halving."""
+    return (config.data.downscale * 2 ** len(config.model.encoder_channels),) * 3
+
+
 REMAT_MODES = ("none", "decoder", "all")
 
 
@@ -175,7 +183,7 @@ def remat_mode(value: Any) -> str:
     if isinstance(value, bool):
         return "all" if value else "none"
     if value not in REMAT_MODES:
-        raise ValueError(f"train.remat must be one of {REMAT_MODES} (or a bool), got {value!r}")
+        raise ConfigError(f"train.remat must be one of {REMAT_MODES} (or a bool), got {value!r}")
     return value
 
 
@@ -201,7 +209,8 @@ def patch_source(volume: jax.Array, large_patches: bool) -> dict:
 
 
 def observe(source: dict, locations: jax.Array, size: int) -> jax.Array:
-    """Patches (N, S, S, S, Cp) of one volume around (N, 3) locations; large patches add C channels."""
+    """Patches (N, S, S, S, Cp) of one volume around (N, 3) locations (integer indices, or real voxel
+    coordinates sampled trilinearly); large patches add C channels."""
     patches = gather_patches(source["volume"], locations, size)
     if "parity" in source:
         large = gather_large_patches(source["parity"], locations, size)

@@ -23,6 +23,7 @@ import ml_collections
 
 from ossnet_jax import kernels as kernel_sets
 from ossnet_jax.data.labels import label_spec
+from ossnet_jax.errors import ConfigError
 from ossnet_jax.models.layers import ResidualBlock
 
 UPSAMPLING = ("transpose", "resize")
@@ -101,7 +102,7 @@ class ResidualUNet(nn.Module):
                 f"expected (B, {self.spatial_dims} spatial axes, C) input, got shape {x.shape}"
             )
         if self.upsample not in UPSAMPLING:
-            raise ValueError(f"model.upsample must be one of {UPSAMPLING}, got {self.upsample!r}")
+            raise ConfigError(f"model.upsample must be one of {UPSAMPLING}, got {self.upsample!r}")
         size = x.shape[1:-1]
         multiple = self.input_downscale * 2 ** (len(self.channels) - 1)
         padded = tuple(-(-s // multiple) * multiple for s in size)
@@ -130,16 +131,23 @@ class UNet2D(ResidualUNet):
     spatial_dims: int = 2
 
 
+def grid_multiple(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    """What divides each axis of data.grid_shape: data.downscale x 2^(levels - 1) along the axes the
+    network halves (all three in 3D, X and Y in 2D), so that it needs no padding of its own."""
+    side = config.data.downscale * 2 ** (len(config.model.channels) - 1)
+    return (side, side, side if FAMILIES[config.model.name] == 3 else 1)
+
+
 def build_unet(config: ml_collections.ConfigDict) -> ResidualUNet:
     """UNet3D ('unet3d') or UNet2D ('unet2d') as described by config.model, for config.data's labels."""
     m = config.model
     if m.name not in FAMILIES:
-        raise ValueError(f"model.name {m.name!r} is not a U-Net; choose one of {sorted(FAMILIES)}")
+        raise ConfigError(f"model.name {m.name!r} is not a U-Net; choose one of {sorted(FAMILIES)}")
     if len(m.channels) < 1:
-        raise ValueError("model.channels needs at least one level")
+        raise ConfigError("model.channels needs at least one level")
     for key in ("train", "eval"):
         if config[key].get("dtype", "float32") != "float32":
-            raise ValueError(f"{key}.dtype: the U-Nets compute in float32 only")
+            raise ConfigError(f"{key}.dtype: the U-Nets compute in float32 only")
     cls = UNet3D if FAMILIES[m.name] == 3 else UNet2D
     return cls(
         channels=tuple(m.channels),

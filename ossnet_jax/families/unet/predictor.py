@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from ossnet_jax.data import labels
+from ossnet_jax.errors import ConfigError
 from ossnet_jax.families.unet.model import ResidualUNet
 
 Forward = Callable[[np.ndarray], np.ndarray]  # (n, *window, C) inputs -> (n, *window, O) probs
@@ -28,7 +29,7 @@ def window_starts(size: int, window: int, overlap: float) -> list[int]:
     the axis's end. A window at least as long as the axis gives one start, 0.
     """
     if not 0.0 <= overlap < 1.0:
-        raise ValueError(f"eval.overlap must be in [0, 1), got {overlap}")
+        raise ConfigError(f"eval.overlap must be in [0, 1), got {overlap}")
     if window >= size:
         return [0]
     step = max(1, int(window * (1.0 - overlap)))
