@@ -64,6 +64,7 @@ import ml_collections
 from jax.sharding import Mesh, NamedSharding
 
 from ossnet_jax import families, kernels, parallel, runtime
+from ossnet_jax.data import dataset
 from ossnet_jax.families.oss_net import predictor as oss_net_predictor
 from ossnet_jax.train_state import make_optimizer
 
@@ -107,7 +108,7 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
         raise FileNotFoundError(f"no config file at {path!r}")
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
+    return dataset.resolve_data_config(module.get_config(arg) if arg else module.get_config())
 
 
 def sized(

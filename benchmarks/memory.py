@@ -63,6 +63,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ossnet_jax import families, files, runtime
+from ossnet_jax.data import dataset
 from ossnet_jax.families.oss_net import predictor as oss_net_predictor
 from ossnet_jax.families.oss_net import step as oss_net_step
 from ossnet_jax.families.unet import predictor as unet_inference
@@ -104,7 +105,7 @@ def make_config(
         config.train.crop_shape = ()
         config.eval.window_shape = ()
         config.eval.batch_windows = 1
-    return config
+    return dataset.resolve_data_config(config)
 
 
 @dataclasses.dataclass

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import throughput
+from ossnet_jax.data import dataset
 from ossnet_jax.kernels.cpu import hostmem, xla_flags
 
 SETS = {
@@ -96,14 +97,16 @@ def measure(repeats: int) -> dict:
     del state, batch
 
     for name, figure in (("demo", "small_step_s"), ("unet3d", "unet3d_step_s")):
-        small = importlib.import_module(f"configs.{name}").get_config("small")
+        small = dataset.resolve_data_config(
+            importlib.import_module(f"configs.{name}").get_config("small")
+        )
         family, _, kwargs, state, batch = throughput.step_setup(small, None)
         step = jax.jit(lambda s, b, r, f=family, k=kwargs: f.train_step(s, b, r, **k))
         out[figure] = throughput.min_seconds(
             step, state, batch, jax.random.key(2), repeats=3 * repeats
         )
 
-    demo = importlib.import_module("configs.demo").get_config("small")
+    demo = dataset.resolve_data_config(importlib.import_module("configs.demo").get_config("small"))
     fwd, _ = throughput.decoder_rates(demo, 2**16, repeats, train=False)
     out["infer_points_per_s"] = fwd
     return out

@@ -66,7 +66,7 @@ def load_config(spec: str) -> tuple[str, ml_collections.ConfigDict]:
     module_spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    config = module.get_config(preset) if preset else module.get_config()
+    config = dataset.resolve_data_config(module.get_config(preset) if preset else module.get_config())
     return f"{pathlib.Path(path).stem}:{preset or 'default'}", config
 
 

@@ -124,8 +124,12 @@ def test_variants_differ_where_their_inputs_do():
         flops_per_point(_config(n), kernels="cpu")
         for n in ("o_net", "oss_net_a", "oss_net_b", "oss_net_d")
     )
+    fourier = _config("oss_net_d")
+    fourier.model.fourier_features = 16  # the paper's D; the release's has none
+    d16 = flops_per_point(fourier, kernels="cpu")
     assert onet["patch_convs"] == 0
     assert onet["dense"] == 2 * (3 * 512 * 2 + 512 * 512) + 4 * 4 * 512 * 512
-    assert d["dense"] - b["dense"] == 2 * 2 * 32 * 512  # 32 Fourier features, 2 layers
-    assert d["fourier"] == 2 * 3 * 16
+    assert d["dense"] == b["dense"] and d["fourier"] == 0  # D as released: B's inputs
+    assert d16["dense"] - b["dense"] == 2 * 2 * 32 * 512  # 32 Fourier features, 2 layers
+    assert d16["fourier"] == 2 * 3 * 16
     assert a == flops_per_point(_config("oss_net_c"), kernels="cpu")

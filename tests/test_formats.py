@@ -2,6 +2,7 @@
 few training steps plus dense evaluation on each layout with predictions in the input geometry."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from tests.dataset_writers import oriented, write_lits, write_msd
 def lits_config(root):
     config = tiny_config(root)
     config.data.format = "lits"
-    config.data.num_channels = 1
+    config.data.num_channels = 0  # from the data: LiTS is one CT channel
     config.data.labels = (0, 1, 2)
     config.data.label_names = ("background", "liver", "tumour")
     config.data.clip_range = (-200.0, 250.0)
@@ -32,6 +33,7 @@ def lits_config(root):
 def msd_config(task):
     config = tiny_config(task)
     config.data.format = "msd"
+    config.data.grid_shape = "auto"  # planned from the cases
     config.data.val_fraction = 0.25
     return config
 
@@ -97,7 +99,7 @@ def test_non_canonical_label_round_trips_to_the_file_exactly(msd4d_root):
 
 
 def test_lits_is_clipped_resampled_and_mapped_back(lits_root):
-    config = lits_config(lits_root)
+    config = dataset.resolve_data_config(lits_config(lits_root))
     train, val = dataset.load_split(config)
     case = train[0]
     assert case.resampled and case.image.shape == (32, 32, 16, 1) and case.offsets == (0, 0, 0)
@@ -178,7 +180,7 @@ LAYOUTS = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_train_and_evaluate_on_each_layout(name, request, tmp_path):
+def test_train_and_evaluate_on_each_layout(name, request, tmp_path, capsys):
     root_fixture, make_config, mode, regions, key = LAYOUTS[name]
     root = request.getfixturevalue(root_fixture)
     config = make_config(root)
@@ -193,6 +195,19 @@ def test_train_and_evaluate_on_each_layout(name, request, tmp_path):
         config.eval.strategy = "octree"
         config.eval.compare_dense = True
     result = training.train_and_evaluate(config, tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["data"]
+    # what was planned is stored for evaluation: the cases' 28x28x16 on multiples of 2 x 2^1
+    assert (saved["grid_shape"], saved["num_channels"]) == (
+        [32, 32, 16] if config.data.format == "lits" else [28, 28, 16],
+        1 if name != "msd4d-regions" else 4,
+    )
+    printed = capsys.readouterr().out
+    if config.data.format == "lits":
+        assert "planned from the data: data.num_channels -> 1" in printed
+    else:
+        assert "data.grid_shape 'auto' -> (28, 28, 16)" in printed
+    memory = re.search(r"training step: ([\d,]+) MiB of device memory per device", printed)
+    assert memory and 0 < int(memory.group(1).replace(",", "")) < 1024, printed
     spec = labels.label_spec(dataset.resolve_data_config(config).data)
     assert result["cases"] and "mean" in result
     for row in result["cases"]:

@@ -4,8 +4,9 @@
   python -m ossnet_jax.data.check --config configs/oss_net_c.py:lits --config.data.root=data/LiTS
 
 Prints one line per case (shape, voxel spacing in mm, orientation, label values, foreground fraction)
-and then every problem with the file it is in; exits with status 1 if there is any problem. It reads the
-files exactly as training does (same validation), but writes nothing.
+and then every problem with the file it is in; exits with status 1 if there is any problem (2, with the
+message alone, for an error outside the cases: cli.py). It reads the files exactly as training does (same
+validation), but writes nothing.
 """
 
 import dataclasses
@@ -16,6 +17,7 @@ import numpy as np
 from absl import app
 from ml_collections import config_flags
 
+from ossnet_jax import cli
 from ossnet_jax.data import dataset, labels, layouts, nifti, preprocess
 
 
@@ -110,4 +112,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(cli.guarded(main))

@@ -18,6 +18,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -296,6 +297,11 @@ def generate_case(
     else:
         raise ValueError(f"shape {shape} too small to hold a tumour with all three labels")
     return _render(rng, tissues, labels, strength, np.stack([medium[6], fine[1]])), labels
+
+
+def settings_folder(num_cases: int, seed: int, shape: Sequence[int]) -> str:
+    """The folder name of a dataset's generator settings, e.g. 'cases40-seed0-88x88x58'."""
+    return f"cases{int(num_cases)}-seed{int(seed)}-{'x'.join(str(int(s)) for s in shape)}"
 
 
 def write_synthetic_brats(

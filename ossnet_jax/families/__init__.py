@@ -16,6 +16,8 @@ from typing import Any, Callable, Optional
 
 import ml_collections
 
+from ossnet_jax.errors import ConfigError
+
 # model.name -> the package that describes it
 PACKAGES = {
     "oss_net": "ossnet_jax.families.oss_net",
@@ -39,6 +41,8 @@ class Family:
       predictor: (config, model, variables) -> object with predict(image, ev=None) -> (label map
         (X, Y, Z) int32 in label values, network evaluations), compile(image), spec.
       outputs_per_step: config -> locations (OSS-Net) or voxels (U-Nets) supervised per step.
+      grid_multiple: config -> (3,) ints that must divide data.grid_shape's axes (the input downscale
+        times the network's halvings); data.grid_shape = 'auto' plans the grid with it.
       prepare_inputs, update_step: train_step split in two, or None where it is not: (batch, rng,
         step, config) -> inputs, the grid-sized stage the host loop runs ahead in the prefetch thread,
         and (state, inputs, rng, *, model, tx, config) -> (state, metrics), the update; their
@@ -52,6 +56,7 @@ class Family:
     validator: Callable[..., Callable[[Any], dict]]
     predictor: Callable[..., Any]
     outputs_per_step: Callable[[ml_collections.ConfigDict], int]
+    grid_multiple: Callable[[ml_collections.ConfigDict], tuple[int, int, int]]
     prepare_inputs: Optional[Callable[..., dict]] = None
     update_step: Optional[Callable[..., tuple[Any, dict]]] = None
 
@@ -60,5 +65,5 @@ def get_family(config: ml_collections.ConfigDict) -> Family:
     """The Family of config.model.name; ValueError for an unknown name."""
     name = config.model.name
     if name not in PACKAGES:
-        raise ValueError(f"unknown model.name {name!r}; choose one of {NAMES}")
+        raise ConfigError(f"unknown model.name {name!r}; choose one of {NAMES}")
     return importlib.import_module(PACKAGES[name]).FAMILY

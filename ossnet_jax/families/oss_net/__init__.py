@@ -16,6 +16,7 @@ FAMILY = Family(
     validator=step.PointValidator,
     predictor=predictor.Predictor,
     outputs_per_step=lambda c: c.train.batch_size * c.train.num_points,
+    grid_multiple=model.grid_multiple,
     prepare_inputs=step.prepare_inputs,
     update_step=step.update_step,
 )

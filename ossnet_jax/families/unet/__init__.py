@@ -14,4 +14,5 @@ FAMILY = Family(
     validator=step.DenseValidator,
     predictor=predictor.UNetPredictor,
     outputs_per_step=step.outputs_per_step,
+    grid_multiple=model.grid_multiple,
 )
