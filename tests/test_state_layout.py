@@ -28,6 +28,8 @@ def _config(name: str, kernels: str):
         config.model.encoder_channels = (4, 8)
         config.model.decoder_width = 16
         config.model.decoder_blocks = 2
+        if name == "oss_net_d":  # recorded when D had the paper's Fourier features (now an option)
+            config.model.fourier_features = 16
     config.model.kernels = kernels
     return config
 
