@@ -131,3 +131,77 @@ def test_patch_encoder_weight_gradients_need_no_transposed_copy():
     hlo = jax.jit(jax.grad(loss)).lower(variables["params"]).compile().as_text()
     assert "f32[32,686]" in hlo  # the first convolution's output, 2 x 16 rows
     assert "f32[686,32]" not in hlo and "f32[343,32]" not in hlo
+
+
+REAL = np.array(
+    [[0.0, 0.0, 0.0], [11.0, 9.0, 7.0], [5.3, 4.75, 3.5], [0.2, 8.9, 0.01], [10.99, 0.5, 6.6]],
+    np.float32,
+)
+
+
+def _trilinear_reference(volume, loc, start_offset, size, stride=1):
+    """Slow reference: the patch lattice loc - start_offset + stride i sampled trilinearly from the
+    zero-extended volume (scipy's map_coordinates on a zero-padded copy)."""
+    from scipy import ndimage
+
+    pad = size * stride + 2
+    padded = np.pad(volume, [(pad, pad)] * 3 + [(0, 0)])
+    steps = np.arange(size) * stride
+    axes = [loc[a] - start_offset + steps + pad for a in range(3)]
+    coords = np.stack(np.meshgrid(*axes, indexing="ij"))
+    return np.stack(
+        [ndimage.map_coordinates(padded[..., c], coords, order=1) for c in range(volume.shape[-1])],
+        -1,
+    )
+
+
+def test_real_locations_sample_the_shifted_patch_trilinearly(volume):
+    got = np.asarray(P.gather_patches(jnp.asarray(volume, jnp.float32), jnp.asarray(REAL), 7))
+    for n, loc in enumerate(REAL.astype(np.float64)):
+        np.testing.assert_allclose(got[n], _trilinear_reference(volume, loc, 3, 7), atol=1e-5)
+
+
+def test_real_large_patches_are_pooled_trilinear_samples(volume):
+    """The pooled 14^3 patch at a real centre: the mean of the 2^3 trilinear samples of each cell."""
+    parity = P.pooled_parity_volumes(jnp.asarray(volume, jnp.float32))
+    got = np.asarray(P.gather_large_patches(parity, jnp.asarray(REAL), 7))
+    for n, loc in enumerate(REAL.astype(np.float64)):
+        big = _trilinear_reference(volume, loc, 7, 14)
+        pooled = big.reshape(7, 2, 7, 2, 7, 2, -1).mean(axis=(1, 3, 5))
+        np.testing.assert_allclose(got[n], pooled, atol=1e-5)
+
+
+@pytest.mark.parametrize("large", [False, True])
+def test_integer_valued_real_locations_equal_the_integer_gather_with_gradients(volume, large):
+    """Bitwise: the trilinear path at integer-valued centres is today's gather. The gradient with
+    respect to the volume agrees to rounding: overlapping patches scatter-add in another order."""
+    vol = jnp.asarray(volume, jnp.float32)
+    weight = jnp.asarray(np.random.default_rng(3).normal(size=(len(CORNERS), 7, 7, 7, 2)))
+
+    def cut(v, locs):
+        if large:
+            return P.gather_large_patches(P.pooled_parity_volumes(v), locs, 7)
+        return P.gather_patches(v, locs, 7)
+
+    loss = lambda v, locs: jnp.sum(jnp.sin(cut(v, locs)) * weight)
+    as_int, as_real = jnp.asarray(CORNERS), jnp.asarray(CORNERS, jnp.float32)
+    np.testing.assert_array_equal(np.asarray(cut(vol, as_real)), np.asarray(cut(vol, as_int)))
+    np.testing.assert_allclose(
+        np.asarray(jax.grad(loss)(vol, as_real)),
+        np.asarray(jax.grad(loss)(vol, as_int)),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+
+
+def test_patches_are_differentiable_in_the_location_inside_a_cell(volume):
+    vol = jnp.asarray(volume, jnp.float32)
+    weight = jnp.asarray(np.random.default_rng(4).normal(size=(1, 7, 7, 7, 2)), jnp.float32)
+    f = jax.jit(lambda loc: jnp.sum(P.gather_patches(vol, loc[None], 7) * weight))
+    loc = jnp.asarray([5.3, 4.6, 3.4], jnp.float32)
+    grad = np.asarray(jax.grad(f)(loc))
+    h = 0.05
+    for a in range(3):
+        step = jnp.zeros(3).at[a].set(h)
+        numeric = (float(f(loc + step)) - float(f(loc - step))) / (2 * h)
+        np.testing.assert_allclose(grad[a], numeric, rtol=1e-3, atol=1e-3)

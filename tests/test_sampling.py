@@ -97,6 +97,36 @@ def test_augment_intensity_changes_have_the_configured_size(kernels):
     assert abs(out.std() - 0.15) < 0.01
 
 
+def _shifts(probability: float, seeds: range) -> np.ndarray:
+    """The brightness shift (brightness_shift 0.15, no noise, no flips) of a zero volume with the
+    key of each seed: its value at every voxel, checked to be one value per volume. Called op by op
+    on the test above's shapes, so its operations are compiled once."""
+    cfg = ml_collections.ConfigDict(
+        dict(
+            flip_probability=0, brightness_shift=0.15, noise_std=0, augment_probability=probability
+        )
+    )
+    image = jnp.zeros((20, 20, 20, 1))
+    target, band = jnp.zeros((20, 20, 20)), jnp.zeros((20, 20, 20), bool)
+    out = np.stack(
+        [
+            np.asarray(augment.augment(jax.random.key(seed), image, target, band, cfg)[0]).ravel()
+            for seed in seeds
+        ]
+    )
+    np.testing.assert_array_equal(out, np.broadcast_to(out[:, :1], out.shape))
+    return out[:, 0]
+
+
+def test_augment_brightness_shift_is_one_uniform_value_per_volume():
+    """Uniform in +-0.15 (std 0.15 / sqrt 3 = 0.087), applied with augment_probability."""
+    shifts = _shifts(1.0, range(48))
+    assert np.abs(shifts).max() <= 0.15 and np.abs(shifts).max() > 0.12
+    assert 0.06 < shifts.std() < 0.11 and (shifts < 0).sum() > 12 and (shifts > 0).sum() > 12
+    assert not _shifts(0.0, range(48, 56)).any()
+    assert 8 < np.count_nonzero(_shifts(0.5, range(56, 88))) < 24
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kernels", ["xla", "cpu"])
 def test_augment_batch_loop_equals_the_vmapped_augmentation(kernels):

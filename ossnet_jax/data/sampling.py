@@ -34,6 +34,25 @@ def sample_locations(
     return jnp.stack(jnp.unravel_index(flat, shape), axis=-1).astype(jnp.int32)
 
 
+def jitter_within_voxels(
+    rng: jax.Array, locations: jax.Array, grid_shape: tuple[int, int, int]
+) -> jax.Array:
+    """Continuous locations: each voxel index moved uniformly within its voxel, [l - 0.5, l + 0.5)
+    per axis, then clipped to the grid's coordinates [0, n - 1] (the outer half voxels fold onto the
+    border). The voxel index stays the point's target voxel (the voxel that contains it).
+
+    Args:
+      rng: PRNG key.
+      locations: (N, 3) integer voxel indices.
+      grid_shape: (X, Y, Z).
+    Returns:
+      (N, 3) float32 voxel coordinates.
+    """
+    offsets = jax.random.uniform(rng, locations.shape, jnp.float32, -0.5, 0.5)
+    upper = jnp.asarray(grid_shape, jnp.float32) - 1.0
+    return jnp.clip(locations.astype(jnp.float32) + offsets, 0.0, upper)
+
+
 def take_at(volume: jax.Array, locations: jax.Array) -> jax.Array:
     """Values of an (X, Y, Z) volume at (N, 3) locations: (N,)."""
     return volume[locations[:, 0], locations[:, 1], locations[:, 2]]

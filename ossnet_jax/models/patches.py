@@ -1,13 +1,19 @@
 """Local observations: patches gathered on the device around each location, and the patch encoder.
 
-A location is an integer voxel index (x, y, z) of the padded full-resolution grid. Its patch of size S
-covers voxels l - S//2 ... l - S//2 + S - 1 along each axis; voxels outside the grid read as zero.
+A location is a voxel coordinate (x, y, z) of the padded full-resolution grid: an integer index, or any
+real value in [0, n - 1] along an axis of n voxels. At an integer location l the patch of size S covers
+voxels l - S//2 ... l - S//2 + S - 1 along each axis, voxels outside the grid reading as zero. At a
+real location the same lattice is shifted with it and sampled trilinearly from that zero-extended
+volume (`trilinear`): the weighted sum of the patches at the 8 integer corners of the location's cell,
+so at integer-valued real locations it equals the integer gather exactly, and it is differentiable
+with respect to the location inside each cell.
 
 The patch encoder's 'same' convolutions act on one S^3 patch at a time, zero outside it (the kernel
 set's `patch_conv`: a 3D convolution of the patches in kernels/xla.py, one GEMM per layer on the CPU).
 """
 
-from typing import Any
+import itertools
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -17,16 +23,50 @@ from ossnet_jax import kernels as kernel_sets
 from ossnet_jax.models.layers import make_activation
 
 
+def trilinear(
+    gather: Callable[[jax.Array], jax.Array], locations: jax.Array, grid_shape: Sequence[int]
+) -> jax.Array:
+    """Trilinear interpolation of an integer-location gather at real locations.
+
+    With c = floor(l) (kept in [0, n - 2] so every corner lies in the grid) and t = l - c, the result
+    is sum over the 8 corners k in {0, 1}^3 of prod_a (t_a if k_a else 1 - t_a) * gather(c + k). At an
+    integer-valued l one weight is exactly 1 and the others exactly 0, so the result equals
+    gather(l) bitwise (finite values); the gradient with respect to l flows through the weights.
+
+    Args:
+      gather: maps (N, 3) int32 voxel indices to (N, ...) values.
+      locations: (N, 3) float voxel coordinates, each in [0, n - 1] of its axis (not checked here).
+      grid_shape: (X, Y, Z), the n of each axis.
+    Returns:
+      (N, ...) in the gather's dtype.
+    """
+    upper = jnp.maximum(jnp.asarray(grid_shape, jnp.int32) - 2, 0)
+    base = jnp.clip(jnp.floor(locations).astype(jnp.int32), 0, upper)
+    frac = locations - base.astype(locations.dtype)  # (N, 3), in [0, 1] inside the grid
+    out = None
+    for corner in itertools.product((0, 1), repeat=3):
+        offset = jnp.asarray(corner, jnp.int32)
+        weight = jnp.prod(jnp.where(offset == 1, frac, 1.0 - frac), axis=-1)  # (N,)
+        values = gather(base + offset)
+        term = weight.astype(values.dtype).reshape(weight.shape + (1,) * (values.ndim - 1)) * values
+        out = term if out is None else out + term
+    return out
+
+
 def gather_patches(volume: jax.Array, locations: jax.Array, size: int) -> jax.Array:
     """Cuts an S^3 patch around each location out of one volume, zero outside the grid.
 
     Args:
       volume: (X, Y, Z, C).
-      locations: (N, 3) integer voxel indices inside the grid.
+      locations: (N, 3) voxel coordinates inside the grid: integer indices (a slice per location)
+        or real values (the shifted lattice sampled trilinearly, `trilinear`).
       size: S, the patch edge in voxels.
     Returns:
       (N, S, S, S, C).
     """
+    if not jnp.issubdtype(locations.dtype, jnp.integer):
+        cut = lambda corners: gather_patches(volume, corners, size)
+        return trilinear(cut, locations, volume.shape[:3])
     lo = size // 2
     hi = size - 1 - lo
     padded = jnp.pad(volume, ((lo, hi), (lo, hi), (lo, hi), (0, 0)))
@@ -72,11 +112,17 @@ def gather_large_patches(parity: jax.Array, locations: jax.Array, size: int) -> 
 
     Args:
       parity: output of `pooled_parity_volumes`, (8, X/2 + 1, Y/2 + 1, Z/2 + 1, C).
-      locations: (N, 3) integer voxel indices.
+      locations: (N, 3) integer voxel indices, or real voxel coordinates inside the grid: pooling and
+        trilinear sampling are both linear and commute with shifts, so the pooled patch at a real
+        location is the trilinear combination of the pooled patches at its cell's corners.
       size: S; the patch read covers l - S ... l + S - 1.
     Returns:
       (N, S, S, S, C).
     """
+    if not jnp.issubdtype(locations.dtype, jnp.integer):
+        grid = tuple(2 * (n - 1) for n in parity.shape[1:4])
+        cut = lambda corners: gather_large_patches(parity, corners, size)
+        return trilinear(cut, locations, grid)
     channels = parity.shape[-1]
     lo = size // 2
     hi = size - 1 - lo

@@ -15,6 +15,7 @@ import numpy as np
 from scipy import ndimage
 
 from ossnet_jax.data import labels
+from ossnet_jax.errors import ConfigError
 from ossnet_jax.families.oss_net.model import (
     OSSNet,
     compute_dtype,
@@ -60,6 +61,7 @@ class Predictor:
 
     def __init__(self, config: ml_collections.ConfigDict, model: OSSNet, variables: dict):
         model = model.clone(dtype=compute_dtype(config.eval.get("dtype", "float32")))
+        self.model = model  # the module it applies (families/oss_net/field.py differentiates it)
         self.config = config
         self.spec = labels.label_spec(config.data)
         self.variables = variables
@@ -73,11 +75,16 @@ class Predictor:
         return size, max(size // 8, 1)
 
     def decode_all(self, latents, source, locations: np.ndarray) -> np.ndarray:
-        """Probabilities (M[, O]) of (M, 3) locations, in padded batches of one of `batch_sizes`."""
+        """Probabilities (M[, O]) of (M, 3) locations, in padded batches of one of `batch_sizes`.
+
+        Integer locations are voxel indices; real ones voxel coordinates, decoded as float32 (a
+        program compiled per dtype) with trilinearly sampled patches.
+        """
         large, small = self.batch_sizes
         m = len(locations)
         size = small if m <= small else large
-        padded = np.zeros((-(-m // size) * size, 3), np.int32)
+        real = np.issubdtype(np.asarray(locations).dtype, np.floating)
+        padded = np.zeros((-(-m // size) * size, 3), np.float32 if real else np.int32)
         padded[:m] = locations
         outs = [
             self.decode(self.variables, latents, source, padded[i : i + size])
@@ -98,11 +105,21 @@ class Predictor:
 
         `ev` overrides config.eval (strategy, seeding, ...) for this call.
         """
-        latents, seg_prob, source = self.encode(self.variables, jnp.asarray(image))
+        encoded = self.encode(self.variables, jnp.asarray(image))
+        return self.predict_encoded(encoded, image.shape[:3], ev)
+
+    def predict_encoded(
+        self,
+        encoded: tuple,
+        grid_shape: tuple[int, int, int],
+        ev: Optional[ml_collections.ConfigDict] = None,
+    ) -> tuple[np.ndarray, int]:
+        """`predict` of a volume of `grid_shape` already encoded (what `encode` returned for it)."""
+        latents, seg_prob, source = encoded
         return extract(
             lambda query: self.decode_all(latents, source, query),
             self.spec,
-            image.shape[:3],
+            tuple(grid_shape),
             self.config.eval if ev is None else ev,
             None if seg_prob is None else np.asarray(seg_prob),
         )
@@ -117,11 +134,13 @@ def extract(
     grid_shape: tuple[int, int, int],
     ev: ml_collections.ConfigDict,
     seg_prob: Optional[np.ndarray] = None,
+    seed: Optional[np.ndarray] = None,
 ) -> tuple[np.ndarray, int]:
     """Dense label map (X, Y, Z) int32 in label values by eval.strategy, and the decoder evaluations.
 
     `decode` maps (M, 3) int32 locations to probabilities (M[, O]); `seg_prob` (sx, sy, sz) is the
-    encoder's segmentation (any channel), used when eval.seeded.
+    encoder's segmentation (any channel), used when eval.seeded; `seed`, a bool (X, Y, Z) mask, is
+    used instead when given (the encoder's segmentation already upsampled to this grid).
       'dense'  every voxel (the reference).
       'band'   the official stride 4-2-1 refinement (inference/octree.py): follows the foreground score
                of LabelSpec.decide, evaluating every voxel next to predicted foreground; seeded, the
@@ -133,9 +152,10 @@ def extract(
                change are decided from logits interpolated trilinearly between evaluated points.
     """
     if ev.strategy not in STRATEGIES:
-        raise ValueError(f"eval.strategy must be one of {STRATEGIES}, got {ev.strategy!r}")
-    seed = None
-    if ev.seeded and seg_prob is not None:
+        raise ConfigError(f"eval.strategy must be one of {STRATEGIES}, got {ev.strategy!r}")
+    if not ev.seeded:
+        seed = None
+    elif seed is None and seg_prob is not None:
         seed = seed_from_segmentation(np.asarray(seg_prob), grid_shape, ev.threshold)
     if ev.strategy == "dense":
         everything = np.argwhere(np.ones(grid_shape, bool)).astype(np.int32)

@@ -70,7 +70,8 @@ def prepare_inputs(
       rng: the run's PRNG key; the step's randomness is fold_in(rng, step), as in update_step.
       step: () int, the step these inputs are for (state.step of the update that consumes them).
     Returns:
-      {'low' (B, X/d, Y/d, Z/d, C) encoder input, 'locations' (B, N, 3) int32, 'index' (B, N) class
+      {'low' (B, X/d, Y/d, Z/d, C) encoder input, 'locations' (B, N, 3) int32 (float32 voxel
+      coordinates with train.continuous_locations), 'index' (B, N) class
       indices at the locations, 'patches' (B, N, S, S, S, Cp) with model.patches, 'coarse'
       (B, sx, sy, sz, R) bool max-pooled channel masks with model.seg_head}.
     """
@@ -84,8 +85,13 @@ def prepare_inputs(
     locs = jax.vmap(
         lambda k, d: sampling.sample_locations(k, d, t.num_points, t.border_fraction, kernels)
     )(jax.random.split(k_loc, b), band)
+    index = jax.vmap(sampling.take_at)(target, locs)
+    if t.get("continuous_locations", False):  # the target stays that of the containing voxel
+        keys = jax.random.split(jax.random.fold_in(k_loc, 1), b)
+        grid = tuple(image.shape[1:4])
+        locs = jax.vmap(lambda k, v: sampling.jitter_within_voxels(k, v, grid))(keys, locs)
     low, patches = model_inputs(config, image, locs)
-    inputs = {"low": low, "locations": locs, "index": jax.vmap(sampling.take_at)(target, locs)}
+    inputs = {"low": low, "locations": locs, "index": index}
     if patches is not None:
         inputs["patches"] = patches
     if config.model.seg_head:
