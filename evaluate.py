@@ -2,17 +2,20 @@
 
   python evaluate.py --workdir runs/demo [--overwrite]
   python evaluate.py --workdir runs/demo --data.root data/MICCAI_BraTS2020_ValidationData
+  python evaluate.py --workdir runs/demo --input scans/ --output predictions/
 Writes WORKDIR/eval/metrics.json and WORKDIR/eval/predictions/<case>.nii.gz; with --data.root, every
 case of that dataset is predicted into WORKDIR/eval/<folder name>/ (labels optional: cases without a
 label get a prediction and no metrics). Cases already predicted for the same checkpoint step are kept
-(a rerun after an interruption continues), unless --overwrite.
+(a rerun after an interruption continues), unless --overwrite. With --input (an image file, a case
+folder or a folder of either; ossnet_jax/data/scans.py) the scans are predicted into --output as
+<id>.nii.gz, each in its input file's geometry, without labels or metrics.
 """
 
 import pathlib
 
 from absl import app, flags, logging
 
-from ossnet_jax import evaluation, runtime
+from ossnet_jax import cli, evaluation, runtime
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A directory written by train.py.")
@@ -25,12 +28,24 @@ flags.mark_flag_as_required("workdir")
 flags.DEFINE_bool(
     "overwrite", False, "Predict every case again, even if already done for this step."
 )
+flags.DEFINE_string(
+    "input", "", "Scans to predict, no metrics: an image file, a case folder or a folder of them."
+)
+flags.DEFINE_string(
+    "output", "", "Folder for the predictions of --input, one <id>.nii.gz per scan."
+)
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
+    if FLAGS.input and (not FLAGS.output or FLAGS["data.root"].value):
+        raise app.UsageError("--input needs --output DIR, and excludes --data.root")
     config = evaluation.load_config(FLAGS.workdir)
+    if FLAGS.input:
+        written = evaluation.predict_scans(config, FLAGS.workdir, FLAGS.input, FLAGS.output)
+        print(f"{len(written)} predictions written to {FLAGS.output}")
+        return
     cases, out_dir = None, None
     root = FLAGS["data.root"].value
     if root:
@@ -54,4 +69,4 @@ def main(argv):
 
 if __name__ == "__main__":
     runtime.prepare()
-    app.run(main)
+    app.run(cli.guarded(main))

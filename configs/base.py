@@ -4,26 +4,38 @@ Variant files import `get_base_config` and override a handful of fields. Presets
   'brats' (default) the official BraTS 2020 sizes: 240x240x155 padded to 256x256x160, 4 modalities.
   'lits'  the official LiTS sizes: CT clipped to [-200, 250] HU and resampled to 512^3, 1 channel,
           encoder 1->8->16->32->64->128.
-  'small' a CPU-sized version of the same structure on the built-in synthetic BraTS-like data:
-          96x96x64 grid, 3 encoder blocks, a 128-wide decoder, 2 x 2048 locations, 400 steps.
+  'small' a CPU-sized version of the same structure on the built-in synthetic BraTS-like data: a
+          planned grid ('auto': 96x96x64 for the synthetic data), channels from the data, 3 encoder
+          blocks, a 128-wide decoder, 2 x 2048 locations, 400 steps.
+  'brats_release', 'lits_release'  'brats' and 'lits' with the official release's preprocessing and
+          voxel-index locations (`release_preprocessing`): what its published checkpoints expect
+          (python -m ossnet_jax.official convert selects them).
 Only strings, numbers, booleans and tuples of them live here.
 """
 
 import ml_collections
 
-PRESETS = ("brats", "lits", "small")
+from ossnet_jax.errors import ConfigError
+
+PRESETS = ("brats", "lits", "small", "brats_release", "lits_release")
 
 
 def get_base_config(preset: str = "brats") -> ml_collections.ConfigDict:
     """Returns the OSS-Net C ('full') configuration for a preset; variants edit it."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {PRESETS}")
+    if preset.endswith("_release"):
+        return release_preprocessing(get_base_config(preset[: -len("_release")]))
     config = ml_collections.ConfigDict()
 
     config.data = data = ml_collections.ConfigDict()
     data.format = "brats"  # 'synthetic' | 'brats' | 'lits' | 'msd'
     data.root = "data/MICCAI_BraTS2020_TrainingData"
-    data.grid_shape = (256, 256, 160)  # padded full-resolution grid (voxels)
+    # padded full-resolution grid (voxels), or 'auto': the smallest grid holding every case that the
+    # model's halvings and data.downscale divide (data/planning.py; config.json stores the result)
+    data.grid_shape = ml_collections.FieldReference(
+        "auto" if preset == "small" else (256, 256, 160), field_type=object
+    )
     data.downscale = 2  # the encoder sees the grid average-pooled by this factor
     data.label_mode = "binary"  # 'binary' (label > 0) | 'multiclass' (softmax) | 'brats_regions'
     data.labels = (0, 1, 2, 4)  # label values on disk, background first (MSD: from dataset.json)
@@ -31,18 +43,28 @@ def get_base_config(preset: str = "brats") -> ml_collections.ConfigDict:
     data.region_names = ("whole_tumour", "tumour_core", "enhancing_tumour")  # for 'brats_regions'
     data.region_labels = ((1, 2, 4), (1, 4), (4,))  # label values inside each region, nested
     data.clip_range = ()  # (low, high) intensity clip before normalisation, e.g. a CT window in HU
-    data.normalize = "nonzero"  # z-score over 'nonzero' voxels (MRI) | 'all' voxels (CT)
+    # z-score over 'nonzero' voxels (MRI) | 'all' voxels (CT) | 'all_unbiased' (n - 1 std, the release)
+    data.normalize = "nonzero"
     data.resample = False  # False: pad into grid_shape (BraTS); True: resample to it (LiTS)
+    data.reorient = True  # True: to RAS voxel order; False: the arrays as stored (the release)
+    data.pad_remainder = "after"  # where an odd padding voxel goes: 'after' | 'before' (the release)
+    # trilinear resampling (data.resample) reads 'zero' outside the volume | the 'edge' voxel (PyTorch's
+    # align_corners=False, the release)
+    data.resample_border = "zero"
     data.subset = "training"  # MSD: 'training' (imagesTr/labelsTr) | 'test' (imagesTs)
     data.split_file = ""  # optional JSON {"train": [ids], "val": [ids]} instead of the seeded split
     data.val_fraction = 0.2
-    data.seed = 0
-    data.num_channels = 4  # flair, t1, t1ce, t2
+    data.seed = 0  # the train/validation split's seed
+    # image channels; 0: from the data (BraTS 4: flair, t1, t1ce, t2; LiTS 1; MSD dataset.json; else
+    # the first case)
+    data.num_channels = 0 if preset == "small" else 4
     data.band_size = (
         13  # border band: Sobel magnitude of the label dilated by a band_size^3 max-pool
     )
     data.synthetic_cases = 40  # only for format 'synthetic'
     data.synthetic_shape = (88, 88, 58)  # only for format 'synthetic'; voxels before padding
+    # only for format 'synthetic': the generator's seed; each setting has its own folder in data.root
+    data.synthetic_seed = 0
 
     config.model = model = ml_collections.ConfigDict()
     model.name = "oss_net"
@@ -70,8 +92,12 @@ def get_base_config(preset: str = "brats") -> ml_collections.ConfigDict:
     train.batch_size = 8
     train.num_points = 2**14
     train.border_fraction = 0.0  # the published runs sampled uniformly
+    # draw each location uniformly inside its sampled voxel (real coordinates, trilinear patches),
+    # the target being that voxel's label; off: integer voxel indices, as the published runs
+    train.continuous_locations = False
     train.learning_rate = 3e-4
-    train.pau_lr_multiplier = 10.0  # PAU coefficients at 1e-2 / 1e-3 of the official recipe
+    # PAU coefficients at 1e-2 while the rest is at 3e-4, decayed alike (the official recipe)
+    train.pau_lr_multiplier = 1e-2 / 3e-4
     train.lr_decay_fractions = (0.4, 0.6)  # lr x0.1 at 40% and 60% of the steps
     train.lookahead_steps = 5
     train.lookahead_alpha = 0.8
@@ -121,6 +147,17 @@ def get_base_config(preset: str = "brats") -> ml_collections.ConfigDict:
     ev.min_component_voxels = 0  # > 0: drop foreground components smaller (official mesh: 12**3)
     ev.component_connectivity = 6  # 6 (scipy's default, as the official release), 18 or 26
     ev.surface_tolerance_mm = 1.0  # tolerance of the surface Dice
+    # OSS-Net: write predictions at this spacing (mm, one value or one per file axis; () the input's):
+    # the field sampled on that grid (families/oss_net/resolution.py); metrics resample it back to
+    # the label's voxels (nearest) and compare there
+    ev.output_spacing = ()
+    # OSS-Net: prediction meshes from the field ('field': marching cubes of its probabilities near
+    # the surface, the mask's kept as <id>_prediction_mask) or from the binary mask ('mask')
+    ev.mesh_source = "field"
+    # 'standard': HD95 = larger directed 95th percentile (MONAI, BraTS), surface Dice (NSD) and ASD
+    # from area-weighted surfels (Nikolov et al. 2018, DeepMind surface-distance); 'voxel': medpy's
+    # pooled HD95, surface voxels weigh 1 (the earlier definitions). Both: ossnet_jax/surface.py
+    ev.surface_metrics = "standard"
     ev.meshes = True  # eval/meshes/<id>_{prediction,label}.{ply,obj} in world mm
     ev.pictures = True  # eval/pictures/<id>_{slices,mesh}.png and eval/dice.png
     ev.batch_points = 2**15
@@ -140,7 +177,6 @@ def get_base_config(preset: str = "brats") -> ml_collections.ConfigDict:
     elif preset == "small":
         data.format = "synthetic"
         data.root = "data/synthetic_brats"
-        data.grid_shape = (96, 96, 64)
         data.synthetic_cases = 40
         model.encoder_channels = (16, 32, 64)
         model.decoder_width = 128
@@ -149,8 +185,27 @@ def get_base_config(preset: str = "brats") -> ml_collections.ConfigDict:
         train.num_points = 2048
         train.border_fraction = 0.5
         train.learning_rate = 1e-3
+        train.pau_lr_multiplier = 10.0  # PAU at 1e-2, as the recipe
         train.eval_every = 100
         train.eval_points = 8192
         train.checkpoint_every = 100
         ev.batch_points = 8192
+    return config
+
+
+def release_preprocessing(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` with the input the official release's models were trained on, returned edited.
+
+    Each channel z-scored over the whole volume, background included, with the n - 1 standard
+    deviation; no reorientation (the arrays as stored); an odd padding voxel before the volume (BraTS
+    Z: 3 before, 2 after); LiTS without the HU clip, resampled as PyTorch's trilinear interpolate
+    with align_corners=False; locations fed to the decoder as raw voxel indices. Predictions are
+    still written in each input file's own geometry.
+    """
+    config.data.normalize = "all_unbiased"
+    config.data.reorient = False
+    config.data.pad_remainder = "before"
+    config.data.clip_range = ()
+    config.data.resample_border = "edge"
+    config.model.location_encoding = "voxel"
     return config

@@ -1,13 +1,14 @@
 """Dense evaluation of a trained checkpoint: encode once, refine with a jitted fixed-size decoder.
 
 Writes WORKDIR/eval/metrics.json
-  {"step", "mean": {"dice", "iou"[, "regions"|"classes"]},
+  {"step", "surface_metrics", "mean": {"dice", "iou"[, "regions"|"classes"]},
    "cases": [{"id", "dice", "iou", "decoder_points", "seconds"[, "regions"|"classes"]
               [, "disagreement"]}]}
 where "regions" (label_mode 'brats_regions') or "classes" ('multiclass') maps each region or class name
 to {"dice", "iou"} and the top-level dice/iou are their mean; "disagreement" (eval.compare_dense) is the
 fraction of grid voxels whose label differs from evaluating every voxel; each row also holds
-sensitivity, precision, hd95 and asd (mm), surface_dice and volumes in ml (reporting.py). Also written:
+sensitivity, precision, hd95 and asd (mm), surface_dice and volumes in ml (reporting.py), whose
+definition "surface_metrics" (eval.surface_metrics, ossnet_jax/surface.py) names. Also written:
 eval/metrics.csv (one row per case), eval/meshes/<id>_{prediction,label}.{ply,obj} (world mm),
 eval/pictures/<id>_{slices,mesh}.png, eval/dice.png, and eval/predictions/<id>.nii.gz:
 a label map in label values (binary: 0/1; BraTS regions: 0/1/2/4) with the input file's shape, affine
@@ -15,6 +16,14 @@ and voxel order, so it opens aligned on the image in ITK-SNAP or 3D Slicer.
 
 The same files are written for every model family (ossnet_jax/families): for the U-Nets "decoder_points" counts
 the voxels the network produced (sliding windows: window voxels x windows; 2D: the grid).
+
+With eval.output_spacing (OSS-Net) the prediction file holds the field sampled at that spacing, with
+its affine (families/oss_net/resolution.py); the metrics compare its nearest-neighbour resampling to
+the input file's voxels with the label there, and the row's "native_agreement" is the fraction of
+those voxels on which it equals the prediction at the input's spacing.
+
+predict_scans (evaluate.py --input) predicts new scans into OUT_DIR/<id>.nii.gz only: the same label
+maps in each input file's geometry, without labels, metrics or other files.
 """
 
 import collections
@@ -29,10 +38,22 @@ from typing import Any, Iterator, Optional
 import jax
 import ml_collections
 import numpy as np
+from tqdm import tqdm
 
 from configs import base
-from ossnet_jax import checkpointing, families, files, outputs, postprocess, reporting, train_state
-from ossnet_jax.data import dataset, nifti
+from ossnet_jax import (
+    checkpointing,
+    families,
+    files,
+    outputs,
+    postprocess,
+    reporting,
+    surface,
+    train_state,
+)
+from ossnet_jax.data import dataset, nifti, scans
+from ossnet_jax.errors import ConfigError
+from ossnet_jax.families.oss_net import resolution
 
 
 def _merged(defaults: dict, saved: dict) -> dict:
@@ -185,14 +206,17 @@ def _label_dtype(values: tuple[int, ...]) -> type:
     return np.uint8 if max(values) < 256 else np.uint16
 
 
-def finished_rows(out_dir: pathlib.Path, step: int) -> dict[str, dict]:
-    """Rows of OUT_DIR/metrics.json, by case id, that were written for checkpoint `step` and whose
-    prediction file exists: the cases a rerun of evaluate does not need to predict again."""
+def finished_rows(
+    out_dir: pathlib.Path, step: int, surface_metrics: str = "standard"
+) -> dict[str, dict]:
+    """Rows of OUT_DIR/metrics.json, by case id, that were written for checkpoint `step` with the
+    `surface_metrics` definition (files without one predate it: 'voxel') and whose prediction file
+    exists: the cases a rerun of evaluate does not need to predict again."""
     path = out_dir / "metrics.json"
     if not path.exists():
         return {}
     saved = json.loads(path.read_text())
-    if saved.get("step") != step:
+    if saved.get("step") != step or saved.get("surface_metrics", "voxel") != surface_metrics:
         return {}
     return {
         row["id"]: row
@@ -215,6 +239,67 @@ def dataset_cases(
     config.data.cache_dir = ""
     cases = dataset.find_cases(config)
     return config, dataset.prepare_cases(cases, config, dataset.cache_dir_for(config))
+
+
+def predict_scans(
+    config: ml_collections.ConfigDict,
+    workdir: str | pathlib.Path,
+    path: str | pathlib.Path,
+    out_dir: str | pathlib.Path,
+) -> list[pathlib.Path]:
+    """Predicts the scans at `path` (data/scans.py: an image file, a case folder or a folder of
+    either; no labels, no metrics) into OUT_DIR/<id>.nii.gz.
+
+    Each scan is read and preprocessed like the training data in memory (no cache is written), and
+    predicted by predict_case with the best checkpoint on the first local device; the label map, in
+    label values, gets the scan's file shape, affine and voxel order, as evaluate writes them. A
+    progress bar counts the scans. A bad scan does not stop the others: DataError lists every bad
+    one at the end. ConfigError, before anything is read, if a prediction would overwrite an input.
+
+    Returns the prediction files written, in scan order.
+    """
+    out_dir = pathlib.Path(out_dir)
+    found = scans.find_scans(path, config.data.format)
+    targets = [out_dir / f"{scan.id}.nii.gz" for scan in found]
+    inputs = {file.resolve() for scan in found for file in scan.image_paths}
+    clashes = [str(target) for target in targets if target.resolve() in inputs]
+    if clashes:
+        raise ConfigError(
+            f"--output {out_dir} would overwrite the input {clashes[0]}; choose another folder"
+        )
+    predictor, _ = restore_predictor(config, workdir)
+    values = predictor.spec.values
+    written, problems = [], []
+    for scan, target in zip(tqdm(found, desc="predict", unit="scan", dynamic_ncols=True), targets):
+        try:
+            case = dataset.read_case(scan, config)
+        except nifti.DataError as error:
+            problems.append(str(error))
+            continue
+        prediction = predict_case(predictor, np.asarray(case.image), config.eval)
+        pred = case.to_file_geometry(prediction.labels).astype(_label_dtype(values))
+        nifti.save_nifti(target, pred, case.affine)
+        written.append(target)
+    if problems:
+        raise nifti.DataError(
+            f"{len(problems)} of {len(found)} scans cannot be used ({len(written)} predicted into "
+            f"{out_dir}):\n  " + "\n  ".join(problems)
+        )
+    return written
+
+
+def spaced_output(config: ml_collections.ConfigDict, case: dataset.PreparedCase) -> bool:
+    """Whether eval.output_spacing (mm, one value or one per file axis; empty: the input's) asks
+    for another spacing than the case's. ConfigError for a model family without a field (U-Nets)."""
+    spacing = config.eval.get("output_spacing", ())
+    if resolution.is_native(case, spacing):
+        return False
+    if config.model.name != "oss_net":
+        raise ConfigError(
+            f"eval.output_spacing={tuple(spacing)} needs an occupancy field (model.name 'oss_net'),"
+            f" not {config.model.name!r}; leave it empty"
+        )
+    return True
 
 
 def evaluate(
@@ -240,7 +325,12 @@ def evaluate(
     spec = predictors[0].spec
     ev = config.eval
     out_dir = workdir / "eval" if out_dir is None else pathlib.Path(out_dir)
-    done = {} if overwrite else finished_rows(out_dir, step)
+    surface_metrics = ev.get("surface_metrics", "standard")
+    if surface_metrics not in surface.SURFACE_METRICS:
+        raise ConfigError(
+            f"eval.surface_metrics must be one of {surface.SURFACE_METRICS}, got {surface_metrics!r}"
+        )
+    done = {} if overwrite else finished_rows(out_dir, step, surface_metrics)
     todo = [case for case in cases if case.id not in done]
     if len(todo) < len(cases):
         print(
@@ -256,12 +346,20 @@ def evaluate(
             prediction = next(predictions)
             grid_pred = prediction.labels
             pred = case.to_file_geometry(grid_pred).astype(_label_dtype(spec.values))
-            nifti.save_nifti(out_dir / "predictions" / f"{case.id}.nii.gz", pred, case.affine)
             row = {
                 "id": case.id,
                 "decoder_points": prediction.evaluations,
                 "seconds": round(prediction.seconds, 3),
             }
+            written, written_affine = pred, case.affine
+            if spaced_output(config, case):  # eval.output_spacing: written there, scored on input
+                spaced = resolution.predict_spaced(predictors[0], case, ev)
+                written, written_affine = spaced.labels.astype(pred.dtype), spaced.affine
+                row["native_agreement"] = float(np.mean(spaced.on_input == pred))
+                pred = spaced.on_input.astype(pred.dtype)
+                row["decoder_points"] = spaced.evaluations
+                row["seconds"] = round(spaced.seconds, 3)
+            nifti.save_nifti(out_dir / "predictions" / f"{case.id}.nii.gz", written, written_affine)
             if prediction.disagreement is not None:
                 row["disagreement"] = prediction.disagreement
             target = case.target_in_file_geometry()
@@ -274,8 +372,16 @@ def evaluate(
                         target,
                         reporting.file_spacing(case),
                         ev.get("surface_tolerance_mm", 1.0),
+                        surface_metrics,
                     )
                 )
+            field_mesh = None
+            if config.model.name == "oss_net" and ev.get("mesh_source", "field") == "field":
+                if ev.get("meshes", True) or ev.get("pictures", True):
+                    spacing = ev.get("output_spacing", ()) if written is not pred else None
+                    field_mesh = resolution.prediction_mesh(
+                        predictors[0], case, written, spacing, ev.threshold
+                    )
             reporting.write_case_files(
                 out_dir,
                 case,
@@ -284,15 +390,17 @@ def evaluate(
                 target,
                 ev.get("meshes", True),
                 ev.get("pictures", True),
+                field_mesh,
             )
             rows.append(row)
-            files.write_json(out_dir / "metrics.json", {"step": step, "cases": rows})
+            partial = {"step": step, "surface_metrics": surface_metrics, "cases": rows}
+            files.write_json(out_dir / "metrics.json", partial)
     scored = [
         {k: v for k, v in r.items() if k not in ("id", "decoder_points", "seconds", "disagreement")}
         for r in rows
         if "dice" in r
     ]
-    result = {"step": step, "cases": rows}
+    result = {"step": step, "surface_metrics": surface_metrics, "cases": rows}
     if scored:
         result["mean"] = reporting.mean_over_cases(scored)
         if ev.get("pictures", True):

@@ -88,18 +88,25 @@ def write_case_files(
     target_file: Optional[np.ndarray],
     meshes: bool,
     pictures: bool,
+    field_mesh: Optional[tuple[np.ndarray, np.ndarray]] = None,
 ) -> None:
     """Meshes (PLY + OBJ, world mm) of prediction and label foreground, and slice/mesh PNGs of a case.
 
     pred_file / target_file: label maps in the input file's geometry (meshes use its affine);
     grid_pred: the prediction on the RAS grid (pictures show the RAS image: axial, coronal, sagittal).
+    field_mesh: the prediction's surface from the occupancy field (OSS-Net, eval.mesh_source
+    'field'): then the prediction mesh and its PNG, the binary mask's mesh being kept as
+    <id>_prediction_mask.{ply,obj} for comparison.
     """
-    mesh = None
+    mesh = mask = None
     if meshes or pictures:
         pred_fg = pred_file > 0
-        mesh = outputs.mask_mesh(pred_fg, case.affine) if pred_fg.any() else None
+        mask = outputs.mask_mesh(pred_fg, case.affine) if pred_fg.any() else None
+        mesh = mask if field_mesh is None else field_mesh
     if meshes:
         pairs = [("prediction", mesh)]
+        if field_mesh is not None:
+            pairs.append(("prediction_mask", mask))
         if target_file is not None and (target_file > 0).any():
             pairs.append(("label", outputs.mask_mesh(target_file > 0, case.affine)))
         for kind, pair in pairs:

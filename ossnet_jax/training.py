@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from ossnet_jax import (
     checkpointing,
+    curves,
     distributed,
     evaluation,
     families,
@@ -33,8 +34,9 @@ from ossnet_jax import (
     metrics,
     parallel,
 )
-from ossnet_jax.data import dataset, schedule
+from ossnet_jax.data import dataset, planning, schedule
 from ossnet_jax.data.prefetch import Prefetcher
+from ossnet_jax.errors import ConfigError
 from ossnet_jax.train_state import (
     make_optimizer,
 )
@@ -154,7 +156,7 @@ def check_resume_config(config: ml_collections.ConfigDict, workdir: pathlib.Path
         lines = "\n".join(
             f"  {key}: {old!r} (saved) -> {new!r} (new)" for key, old, new in differences
         )
-        raise ValueError(
+        raise ConfigError(
             f"{workdir} holds checkpoints of a different configuration:\n{lines}\n"
             "Train in a new --workdir, or set --config.train.allow_config_change=True to resume anyway."
         )
@@ -193,8 +195,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """
     preparation = config.train.get("prepare", "device")
     if preparation not in PREPARE_MODES:  # before anything is read or written
-        raise ValueError(f"train.prepare must be one of {PREPARE_MODES}, got {preparation!r}")
-    config = dataset.resolve_data_config(config)
+        raise ConfigError(f"train.prepare must be one of {PREPARE_MODES}, got {preparation!r}")
+    resolved = dataset.resolve_data_config(config, check_fit=True)
+    planned = planning.describe(config.data, resolved.data)
+    if planned and distributed.is_primary():
+        print(planned)
+    config = resolved
     workdir = pathlib.Path(workdir)
     checkpoints = workdir / "checkpoints"
     if checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir()):
@@ -244,15 +250,25 @@ VAL_KEYS = ("val_dice", "val_iou")  # what a Family's validator returns
 
 
 class _Log:
-    """metrics.jsonl rows and progress notes; written by the primary process only."""
+    """metrics.jsonl rows, their TensorBoard scalars and curves.png (curves.py), and progress notes;
+    written by the primary process only. `start`: the step training resumes from."""
 
-    def __init__(self, path: pathlib.Path, enabled: bool):
-        self.file = open(path, "a") if enabled else None
+    def __init__(self, workdir: pathlib.Path, start: int, enabled: bool):
+        self.workdir = workdir
+        self.file = open(workdir / "metrics.jsonl", "a") if enabled else None
+        self.events = curves.EventLog(workdir, start) if enabled else None
 
     def row(self, record: dict) -> None:
         if self.file is not None:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
+            self.events.add(record)
+
+    def plot(self) -> None:
+        """Redraws WORKDIR/curves.png from every row of metrics.jsonl; flushes the event file."""
+        if self.file is not None:
+            curves.curves_png(self.workdir / "curves.png", curves.read_rows(self.file.name))
+            self.events.flush()
 
     def note(self, text: str) -> None:
         if self.file is not None:
@@ -261,6 +277,7 @@ class _Log:
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+            self.events.close()
 
 
 # Updates the host loop lets the device hold at once: it waits (reading nothing) for step k-2 to
@@ -325,6 +342,24 @@ def _record_skips(
     return consecutive
 
 
+def memory_note(stats: Any) -> str:
+    """The device memory a compiled training step needs, from XLA's memory analysis (per device:
+    arguments + outputs + temporaries - what the outputs alias of the donated arguments)."""
+    if stats is None:
+        return "training step: this backend reports no memory analysis"
+    total = (
+        stats.argument_size_in_bytes
+        + stats.output_size_in_bytes
+        + stats.temp_size_in_bytes
+        - stats.alias_size_in_bytes
+    )
+    mib = lambda n: f"{n / 2**20:,.0f} MiB"
+    return (
+        f"training step: {mib(total)} of device memory per device (inputs and state "
+        f"{mib(stats.argument_size_in_bytes)}, temporaries {mib(stats.temp_size_in_bytes)})"
+    )
+
+
 PREPARE_MODES = ("device", "host")
 
 
@@ -344,7 +379,7 @@ def _host_preparation(
     with several, each holds only its rows of the global batch, which the draws are a function of.
     """
     if jax.process_count() > 1:
-        raise ValueError("train.prepare = 'host' supports one process; use 'device' with several")
+        raise ConfigError("train.prepare = 'host' supports one process; use 'device' with several")
     host = jax.local_devices(backend="cpu")[0]
     prepare = jax.jit(functools.partial(family.prepare_inputs, config=config))
     key = jax.device_put(rng, host)
@@ -391,7 +426,7 @@ def _train(
         points_devices=t.get("points_devices", 0) if splits_points else 1,  # 0: auto
     )
     state = parallel.replicate(family.init_state(config, model, tx, jax.random.key(t.seed)), mesh)
-    if start:
+    if ckpt.latest_step() is not None:  # step 0 too: a converted checkpoint (ossnet_jax.official)
         start, state = ckpt.restore_latest(state)
         if primary:
             print(f"resuming from step {start} of {workdir / 'checkpoints'}")
@@ -430,7 +465,8 @@ def _train(
     nonfinite = 0  # consecutive skipped updates up to the last read of the device
     unread: list = []  # the () int32 'skipped' flags, on the device, of the steps since then
     running: collections.deque = collections.deque()  # those of the updates that may still run
-    log = _Log(log_path, primary)
+    compiled = None  # step_fn compiled for the loop's arguments
+    log = _Log(workdir, start, primary)
     with (
         Prefetcher(inputs_of, start, t.steps) as batches,
         tqdm(
@@ -445,7 +481,11 @@ def _train(
             wait += time.perf_counter() - waited
             if len(running) == IN_FLIGHT_STEPS:
                 running.popleft().block_until_ready()
-            state, out = step_fn(state, batch, rng)
+            if compiled is None:  # ahead of the first update, so its memory is known before it runs
+                compiled = step_fn.lower(state, batch, rng).compile()
+                if primary:
+                    tqdm.write(memory_note(compiled.memory_analysis()))
+            state, out = compiled(state, batch, rng)
             running.append(out["skipped"])
             unread.append(out["skipped"])
             done = step + 1
@@ -493,6 +533,8 @@ def _train(
                     f"step {done}: validation Dice {val['val_dice']:.4f} IoU {val['val_iou']:.4f}"
                     f" ({family.validator.scope})"
                 )
+            if validating_now or done == t.steps:
+                log.plot()
             if (periodic and not nonfinite) or done == t.steps or stopping:
                 ckpt.save(done, state, val)
             if stopping:

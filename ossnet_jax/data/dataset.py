@@ -27,7 +27,9 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from ossnet_jax.data import labels, layouts, nifti, preprocess, synthetic
+from ossnet_jax import families
+from ossnet_jax.data import labels, layouts, nifti, planning, preprocess, synthetic
+from ossnet_jax.errors import ConfigError
 
 CACHE_VERSION = 2
 AFFINE_TOLERANCE_MM = 1e-3  # image files and label of one case must agree to this (world mm)
@@ -90,29 +92,85 @@ def _msd_task(config: ml_collections.ConfigDict) -> layouts.MsdTask:
     return layouts.read_msd_task(config.data.root)
 
 
-def resolve_data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A copy of `config` whose data.labels / data.label_names / data.num_channels come from the data.
+def resolve_data_config(
+    config: ml_collections.ConfigDict, check_fit: bool = False
+) -> ml_collections.ConfigDict:
+    """A copy of `config` whose data settings that can come from the data do (data/planning.py).
 
-    For MSD they are read from dataset.json (modalities, labels); otherwise they are kept. Call it once
-    before building a model; the saved config.json then holds the resolved values.
+    MSD: data.labels / label_names / num_channels from dataset.json. data.num_channels = 0: from the
+    format (BraTS and synthetic 4, LiTS 1) or else the first case. data.grid_shape = 'auto': the
+    smallest grid holding every case that the model family's grid_multiple divides. Case headers
+    are read only where a value needs them (never for the synthetic data, planned from its settings);
+    with `check_fit` always, and then an explicit grid (padded, not data.resample) too small for
+    some cases raises DataError naming them and the grid that would hold every case, and a case
+    whose channels differ from the others' raises DataError naming it. Cases whose headers cannot
+    be read are left out of the plan: reading the cases (prepare_cases, data.check) reports each of
+    them with every other problem. Call it once before building a model; config.json then holds the
+    resolved values.
     """
-    config = ml_collections.ConfigDict(config.to_dict())
-    if config.data.format == "msd":
+    values = config.to_dict()
+    d = values["data"]
+    if d["format"] == "msd":
         task = _msd_task(config)
-        config.data.num_channels = len(task.modalities)
-        config.data.labels = task.labels
-        config.data.label_names = task.label_names
-    labels.label_spec(config.data)  # validates the label settings early
-    return config
+        d["num_channels"] = len(task.modalities)
+        d["labels"] = task.labels
+        d["label_names"] = task.label_names
+    labels.label_spec(ml_collections.ConfigDict(d))  # validates the label settings early
+    grid = planning.parse_grid(d["grid_shape"])
+    known_channels = d["num_channels"] or planning.FORMAT_CHANNELS.get(d["format"])
+    if grid is not None and known_channels and not check_fit:
+        d["grid_shape"], d["num_channels"] = grid, known_channels
+        return ml_collections.ConfigDict(values)
+    geometries = _case_geometries(config)
+    d["num_channels"] = known_channels or planning.inferred_channels(d["format"], geometries)
+    if check_fit:
+        planning.check_channels(geometries, d["num_channels"])
+    fitting = planning.grid_for(
+        [g.shape for g in geometries], families.get_family(config).grid_multiple(config)
+    )
+    if grid is None:
+        grid = fitting
+    elif check_fit and not d.get("resample", False):
+        bad = planning.too_small(geometries, grid)
+        if bad:
+            listed = "; ".join(f"{g.path} {'x'.join(map(str, g.shape))}" for g in bad[:10])
+            raise nifti.DataError(
+                f"{len(bad)} of {len(geometries)} cases do not fit data.grid_shape {grid} after "
+                f"reorientation: {listed}. A grid that holds every case: {fitting} (or set "
+                "data.grid_shape='auto', or data.resample=True)"
+            )
+    d["grid_shape"] = tuple(grid)
+    return ml_collections.ConfigDict(values)
+
+
+def _case_geometries(config: ml_collections.ConfigDict) -> list[planning.CaseGeometry]:
+    """The reoriented shape and channels of every case whose headers can be read (the synthetic data:
+    from its settings); DataError naming the dataset if there is none."""
+    if config.data.format == "synthetic":
+        return [
+            planning.synthetic_geometry(pathlib.Path(config.data.root), config.data.synthetic_shape)
+        ]
+    geometries = []
+    for case in find_cases(config):
+        try:
+            geometries.append(planning.case_geometry(case, bool(config.data.get("reorient", True))))
+        except nifti.DataError:
+            continue  # named with the other problems when the cases are read
+    if not geometries:
+        raise nifti.DataError(f"{config.data.root}: no case has a readable image header")
+    return geometries
 
 
 def dataset_root(config: ml_collections.ConfigDict) -> pathlib.Path:
-    """The folder of cases; writes the synthetic dataset there on first use."""
+    """The folder of cases; the synthetic data is written on first use, into a subfolder of data.root
+    named by its generator settings, so that datasets of different settings live side by side."""
     root = pathlib.Path(config.data.root)
     if config.data.format == "synthetic":
-        return synthetic.write_synthetic_brats(
-            root, config.data.synthetic_cases, config.data.seed, tuple(config.data.synthetic_shape)
-        )
+        d = config.data
+        shape = tuple(int(s) for s in d.synthetic_shape)
+        seed = int(d.get("synthetic_seed", 0))
+        folder = synthetic.settings_folder(d.synthetic_cases, seed, shape)
+        return synthetic.write_synthetic_brats(root / folder, d.synthetic_cases, seed, shape)
     return root
 
 
@@ -125,7 +183,7 @@ def find_cases(config: ml_collections.ConfigDict) -> list[layouts.Case]:
 def split_ids(ids: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """Deterministic train/validation split: a seeded permutation, the first round(n f) for validation."""
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
     order = np.random.default_rng(seed).permutation(len(ids))
     n_val = int(round(len(ids) * val_fraction))
     if val_fraction > 0 and len(ids) > 1:
@@ -159,7 +217,17 @@ def _file_digest(path: pathlib.Path) -> str:
         return hashlib.file_digest(handle, "sha1").hexdigest()
 
 
-PREPROCESSING_KEYS = ("grid_shape", "label_mode", "labels", "band_size", "clip_range", "normalize")
+PREPROCESSING_KEYS = (
+    "grid_shape",
+    "label_mode",
+    "labels",
+    "band_size",
+    "clip_range",
+    "normalize",
+    "reorient",
+    "pad_remainder",
+    "resample_border",
+)
 
 
 def _cache_key(case: layouts.Case, config: ml_collections.ConfigDict) -> str:
@@ -235,18 +303,23 @@ def _read_case(case: layouts.Case, config: ml_collections.ConfigDict) -> dict:
     index = None
     if case.label_path is not None:
         index = read_label(case, file_shape, affine, spec.values)
-    image, canonical_affine, ornt = preprocess.to_canonical(image, affine)
+    reorient = bool(d.get("reorient", True))
+    image, canonical_affine, ornt = preprocess.orient(image, affine, reorient)
     image = preprocess.normalize(
-        image, tuple(d.get("clip_range", ())), d.get("normalize", "nonzero") == "nonzero"
+        image, tuple(d.get("clip_range", ())), d.get("normalize", "nonzero")
     )
     grid = tuple(d.grid_shape)
     resample = bool(d.get("resample", False))
     if resample:
         offsets = (0, 0, 0)
-        fitted = preprocess.resize(image, grid, order=1).astype(np.float32)
+        fitted = preprocess.resize(image, grid, 1, d.get("resample_border", "zero")).astype(
+            np.float32
+        )
     else:
         try:
-            offsets = preprocess.centre_offsets(image.shape[:3], grid)
+            offsets = preprocess.centre_offsets(
+                image.shape[:3], grid, d.get("pad_remainder", "after")
+            )
         except ValueError as err:
             raise nifti.DataError(
                 f"{case.image_paths[0]}: {err} (after reorientation to RAS); enlarge "
@@ -267,7 +340,7 @@ def _read_case(case: layouts.Case, config: ml_collections.ConfigDict) -> dict:
         },
     }
     if index is not None:
-        index = preprocess.to_canonical(index, affine)[0]
+        index = preprocess.orient(index, affine, reorient)[0]
         if resample:
             target = preprocess.resize(index, grid, order=0)
             out["label"] = index
@@ -296,18 +369,13 @@ def _write_cached(folder: pathlib.Path, arrays: dict) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load_cached(folder: pathlib.Path) -> PreparedCase:
-    meta = json.loads((folder / "meta.json").read_text())
-    load = lambda name: (
-        np.load(folder / f"{name}.npy", mmap_mode="r")
-        if (folder / f"{name}.npy").exists()
-        else None
-    )
+def _as_prepared(meta: dict, arrays: dict) -> PreparedCase:
+    """A PreparedCase from a case's meta (as in meta.json) and its arrays by name (absent: None)."""
     return PreparedCase(
         id=meta["id"],
-        image=load("image"),
-        target=load("target"),
-        band=load("band"),
+        image=arrays["image"],
+        target=arrays.get("target"),
+        band=arrays.get("band"),
         affine=np.asarray(meta["affine"]),
         file_shape=tuple(meta["file_shape"]),
         ornt=tuple(tuple(row) for row in meta["ornt"]),
@@ -315,8 +383,27 @@ def _load_cached(folder: pathlib.Path) -> PreparedCase:
         offsets=tuple(meta["offsets"]),
         resampled=bool(meta["resampled"]),
         spacing=tuple(meta["spacing"]),
-        label=load("label"),
+        label=arrays.get("label"),
     )
+
+
+def _load_cached(folder: pathlib.Path) -> PreparedCase:
+    meta = json.loads((folder / "meta.json").read_text())
+    arrays = {
+        name: np.load(folder / f"{name}.npy", mmap_mode="r")
+        for name in ("image", "target", "band", "label")
+        if (folder / f"{name}.npy").exists()
+    }
+    return _as_prepared(meta, arrays)
+
+
+def read_case(case: layouts.Case, config: ml_collections.ConfigDict) -> PreparedCase:
+    """One case read and preprocessed in memory, bypassing the cache (new scans, predicted once).
+
+    The same arrays as prepare_cases gives; a bad file raises DataError naming it.
+    """
+    arrays = _read_case(case, config)
+    return _as_prepared(arrays["meta"], arrays)
 
 
 def prepare_cases(
