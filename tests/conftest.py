@@ -4,7 +4,8 @@ Every test, and every python subprocess a test starts (they inherit the environm
 persistent JAX compilation cache in a folder made for the session: the tiny train step that many tests
 and train.py runs compile is compiled once. It is set here, before anything imports jax; a cache folder
 already named in JAX_COMPILATION_CACHE_DIR is used instead. XLA_FLAGS get the entry points' XLA:CPU
-flags (ossnet_jax/kernels/cpu/xla_flags.py) here too, so the tests run the programs users run.
+flags (ossnet_jax/kernels/cpu/xla_flags.py) here too, so the tests run the programs users run, and
+GLIBC_TUNABLES the huge-page setting the entry points re-execute themselves to get (kernels/cpu/hostmem.py).
 """
 
 import atexit
@@ -25,9 +26,15 @@ import ml_collections
 import pytest
 
 from configs import demo
-from ossnet_jax.kernels.cpu import xla_flags
+from ossnet_jax.kernels.cpu import hostmem, xla_flags
 
 xla_flags.configure()  # before any JAX computation: the tests compile what train.py and evaluate.py do
+if hostmem.huge_pages_wanted(dict(os.environ)):
+    # python subprocesses (train.py, evaluate.py) start with the huge-page setting their first call
+    # of runtime.prepare would re-execute them to get, so each imports JAX once instead of twice
+    os.environ["GLIBC_TUNABLES"] = ":".join(
+        t for t in (os.environ.get("GLIBC_TUNABLES", ""), hostmem.TUNABLE) if t
+    )
 
 TINY_GRID = (32, 32, 16)  # divisible by downscale 2 x 2^2 blocks
 
@@ -36,7 +43,8 @@ def tiny_config(root: pathlib.Path, **model) -> ml_collections.ConfigDict:
     """The demo config shrunk for tests: 6 cases of 28x28x16 on a 32x32x16 grid, a 16-wide decoder."""
     config = demo.get_config()
     config.data.root = str(root)
-    config.data.grid_shape = TINY_GRID
+    config.data.grid_shape = TINY_GRID  # what 'auto' plans for these cases, set so models build directly
+    config.data.num_channels = 4
     config.data.synthetic_shape = (28, 28, 16)
     config.data.synthetic_cases = 6
     config.data.val_fraction = 0.34
@@ -47,6 +55,9 @@ def tiny_config(root: pathlib.Path, **model) -> ml_collections.ConfigDict:
     for key, value in model.items():
         config.model[key] = value
     config.train.steps = 4
+    # a constant rate: the schedule's steps are constants of the compiled update, so runs of any
+    # length then share one program (the persistent cache compiles it once per session)
+    config.train.lr_decay_fractions = ()
     config.train.batch_size = 2
     config.train.num_points = 128
     config.train.eval_points = 256
@@ -77,3 +88,16 @@ def tiny_unet_config(root: pathlib.Path, name: str) -> ml_collections.ConfigDict
 def synthetic_root(tmp_path_factory) -> pathlib.Path:
     """A folder holding the tiny synthetic dataset (written once per test session)."""
     return tmp_path_factory.mktemp("synthetic")
+
+
+@pytest.fixture(scope="session")
+def trained_run(synthetic_root, tmp_path_factory):
+    """(config, workdir, result): a 4-step tiny run with checkpoints at steps 2 and 4 and its
+    evaluation, trained once per test session (process) for every test file that reads one."""
+    from ossnet_jax import training
+
+    workdir = tmp_path_factory.mktemp("run")
+    config = tiny_config(synthetic_root)
+    config.data.seed = 3  # a split of its own on the synthetic data the other runs share
+    result = training.train_and_evaluate(config, str(workdir))
+    return config, workdir, result

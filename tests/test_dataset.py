@@ -1,12 +1,19 @@
-"""Preprocessing, the cache, the split and batch order."""
+"""Preprocessing, the cache (data.cache_dir; two processes building it at once), the split and batch
+order."""
 
+import pathlib
 import shutil
+import subprocess
+import sys
 
+import ml_collections
 import numpy as np
 import pytest
 
 from ossnet_jax.data import dataset, layouts, nifti, preprocess
 from tests.conftest import TINY_GRID, tiny_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_zscore_per_channel_over_nonzero_voxels():
@@ -92,3 +99,82 @@ def test_volume_too_large_for_grid_names_the_file(synthetic_root):
     config.data.grid_shape = (16, 32, 16)
     with pytest.raises(nifti.DataError, match="flair.nii.gz.*does not fit"):
         dataset.load_split(config)
+
+
+def _two_cases(synthetic_root, folder: pathlib.Path) -> ml_collections.ConfigDict:
+    """tiny_config on a BraTS folder holding two of the synthetic cases (no cache yet)."""
+    source = dataset.dataset_root(tiny_config(synthetic_root))
+    for case in dataset.find_cases(tiny_config(synthetic_root))[:2]:
+        shutil.copytree(source / case.id, folder / case.id)
+    config = tiny_config(folder)
+    config.data.format = "brats"
+    return config
+
+
+def test_data_cache_dir_holds_the_cache_instead_of_the_data_folder(synthetic_root, tmp_path):
+    config = _two_cases(synthetic_root, tmp_path / "data")
+    config.data.cache_dir = str(tmp_path / "cache")
+    train, val = dataset.load_split(config)
+    entries = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert [name.split("-")[0] for name in entries] == sorted(c.id for c in train + val)
+    assert not (tmp_path / "data" / ".ossnet_cache").exists()
+
+
+# Prepares every case of argv[1] into the cache argv[2]; after reading its first case it marks
+# argv[3] and waits for the other process's mark argv[4], so both find that case missing and
+# write it, and one of the two renames meets the other's finished folder.
+CACHE_CHILD = """
+import pathlib, sys, time
+from ossnet_jax.data import dataset
+from tests.conftest import tiny_config
+
+config = tiny_config(pathlib.Path(sys.argv[1]))
+config.data.format = "brats"
+config.data.cache_dir = sys.argv[2]
+mine, other = pathlib.Path(sys.argv[3]), pathlib.Path(sys.argv[4])
+read = dataset._read_case
+
+
+def read_together(case, config):
+    arrays = read(case, config)
+    mine.touch()
+    deadline = time.monotonic() + 60
+    while not other.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return arrays
+
+
+dataset._read_case = read_together
+prepared = dataset.prepare_cases(dataset.find_cases(config), config, dataset.cache_dir_for(config))
+print(" ".join(case.id for case in prepared))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_build_one_cache_at_once(synthetic_root, tmp_path):
+    """Both processes preprocess the same cases into one cache at the same time: both succeed, the
+    cache holds one finished folder per case and no temporary one, with the arrays of a read."""
+    config = _two_cases(synthetic_root, tmp_path / "data")
+    cache = tmp_path / "cache"
+    marks = [tmp_path / "first", tmp_path / "second"]
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CACHE_CHILD, str(tmp_path / "data"), str(cache), str(a), str(b)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for a, b in (marks, marks[::-1])
+    ]
+    results = [run.communicate(timeout=300) for run in runs]
+    ids = [case.id for case in dataset.find_cases(config)]
+    for run, (out, err) in zip(runs, results):
+        assert run.returncode == 0, err[-3000:]
+        assert out.split() == ids
+    entries = sorted(cache.iterdir())
+    assert [p.name.split("-")[0] for p in entries] == ids  # no temporary folder left
+    for case, folder in zip(dataset.find_cases(config), entries):
+        cached, fresh = dataset._load_cached(folder), dataset.read_case(case, config)
+        np.testing.assert_array_equal(np.asarray(cached.image), fresh.image)
+        np.testing.assert_array_equal(np.asarray(cached.target), fresh.target)

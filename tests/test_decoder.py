@@ -8,6 +8,7 @@ import pytest
 from ossnet_jax.families.oss_net.model import OSSNet, remat_mode
 from ossnet_jax.kernels.cpu.recompute import after_gradient
 from ossnet_jax.models.decoder import Decoder, DecoderBlock, SplitDense
+from ossnet_jax.models.layers import PAU_INIT_DENOMINATOR, PAU_INIT_NUMERATOR
 
 KERNELS = ["xla", "cpu"]
 
@@ -95,6 +96,100 @@ def test_decoder_equals_blocks_on_the_concatenated_input(num_latents, kernels):
     np.testing.assert_allclose(float(got[0]), float(expected[0]), rtol=1e-5, atol=1e-5)
     for g, e in zip(jax.tree.leaves(got[1]), jax.tree.leaves(expected[1])):
         np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=1e-4)
+
+
+def _pau64(x, numerator, denominator):
+    """Safe PAU (Molina et al. 2020): sum_i a_i x^i / (1 + sum_j |b_j x^j|), i = 0..5, j = 1..4."""
+    p = sum(a * x**i for i, a in enumerate(numerator))
+    return p / (1 + sum(np.abs(b * x ** (j + 1)) for j, b in enumerate(denominator)))
+
+
+def _cbn64(h, latent, params, stats, train):
+    """Conditional batch norm: one mean and (biased) variance over all of h (B, N, F), then per volume
+    gamma(latent) x_hat + beta(latent); running averages keep 0.9 of the old value."""
+    gamma = latent @ params["gamma"]["kernel"] + params["gamma"]["bias"]
+    beta = latent @ params["beta"]["kernel"] + params["beta"]["bias"]
+    mean, var = (h.mean(), h.var()) if train else (stats["mean"], stats["var"])
+    out = (h - mean) / np.sqrt(var + 1e-5) * gamma[:, None] + beta[:, None]
+    updated = {"mean": 0.9 * stats["mean"] + 0.1 * mean, "var": 0.9 * stats["var"] + 0.1 * var}
+    return out, updated if train else stats
+
+
+def _block64(params, stats, x, latent, context, train):
+    """A residual CBN block: act(CBN(W2 act(CBN(W1 x + b1)) + b2) + shortcut), x = [x | context]."""
+    if context is not None:
+        x = np.concatenate(
+            [x, np.broadcast_to(context[:, None], x.shape[:2] + context.shape[1:])], -1
+        )
+    dense = lambda name, h: h @ params[name]["kernel"] + params[name]["bias"]
+    act = lambda name, h: _pau64(h, params[name]["numerator"], params[name]["denominator"])
+    h, stats1 = _cbn64(dense("dense1", x), latent, params["cbn1"], stats["cbn1"], train)
+    h, stats2 = _cbn64(
+        dense("dense2", act("act1", h)), latent, params["cbn2"], stats["cbn2"], train
+    )
+    shortcut = dense("shortcut", x) if "shortcut" in params else x
+    return act("act2", h + shortcut), {"cbn1": stats1, "cbn2": stats2}
+
+
+def _decoder64(params, stats, features, latents, train):
+    """The decoder: block b conditioned on latent b + 1 (latent 0 without skip latents), latent 0
+    part of the first block's input, then a linear map without bias."""
+    x, new_stats = features, {}
+    for b in range(len(stats)):
+        latent = latents[:, b + 1] if latents.shape[1] > 1 else latents[:, 0]
+        context = latents[:, 0] if b == 0 else None
+        name = f"block{b}"
+        x, new_stats[name] = _block64(params[name], stats[name], x, latent, context, train)
+    return x @ params["out"]["kernel"], new_stats
+
+
+@pytest.mark.parametrize("num_latents, kernels", [(1, "xla"), (3, "cpu")])
+def test_decoder_equals_a_float64_formula_of_its_blocks(num_latents, kernels):
+    """Logits and running statistics of a 2-block decoder (random parameters, PAU coefficients and
+    statistics), in training and in evaluation, against the float64 formulas above."""
+    rng = np.random.default_rng(7)
+    features = rng.normal(size=(2, 11, 5))
+    latents = rng.normal(size=(2, num_latents, 4))
+    decoder = Decoder(width=8, blocks=2, kernels=kernels)
+    shapes = jax.eval_shape(
+        lambda: decoder.init(
+            jax.random.key(0), jnp.zeros(features.shape), jnp.zeros(latents.shape), False
+        )
+    )
+    init = {
+        "numerator": np.asarray(PAU_INIT_NUMERATOR),
+        "denominator": np.asarray(PAU_INIT_DENOMINATOR),
+    }
+
+    def draw(path, leaf):
+        name = path[-1].key
+        if name in init:
+            return init[name] + rng.normal(size=leaf.shape) * 0.05
+        if name == "var":
+            return rng.uniform(0.5, 2.0, leaf.shape)
+        return rng.normal(size=leaf.shape) * (0.3 if name == "kernel" else 0.1)
+
+    params64 = jax.tree_util.tree_map_with_path(draw, shapes["params"])
+    stats64 = jax.tree_util.tree_map_with_path(draw, shapes["batch_stats"])
+    variables = jax.tree.map(
+        lambda a: jnp.asarray(a, jnp.float32), {"params": params64, "batch_stats": stats64}
+    )
+    variables64 = jax.tree.map(lambda a: np.asarray(a, np.float64), variables)
+    assert params64["block0"]["dense1"]["kernel"].shape == (9, 8)  # [features | latent 0]
+    assert "shortcut" in params64["block0"] and "shortcut" not in params64["block1"]
+    x, z = jnp.asarray(features, jnp.float32), jnp.asarray(latents, jnp.float32)
+    for train in (True, False):
+        got, mutated = jax.jit(
+            lambda v, x, z: decoder.apply(v, x, z, train, mutable=["batch_stats"])
+        )(variables, x, z)
+        want, want_stats = _decoder64(
+            variables64["params"], variables64["batch_stats"], features, latents, train
+        )
+        scale = np.abs(want).max()
+        np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-4 * scale)
+        for a, b in zip(jax.tree.leaves(mutated["batch_stats"]), jax.tree.leaves(want_stats)):
+            np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-5)
+        assert scale > 0.1
 
 
 def _training_grad(model, batch_stats):

@@ -1,6 +1,7 @@
 """train.dtype / eval.dtype 'bfloat16': bfloat16 arithmetic, float32 parameters, loss and statistics."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +37,45 @@ def test_bfloat16_forward_is_close_to_float32(tmp_path):
     np.testing.assert_allclose(jax.nn.sigmoid(p16), jax.nn.sigmoid(p32), atol=0.05)
     np.testing.assert_allclose(jax.nn.sigmoid(s16), jax.nn.sigmoid(s32), atol=0.05)
     assert not np.allclose(np.asarray(p16), np.asarray(p32), atol=1e-6)  # really computed in bf16
+
+
+# What a bfloat16 model returns or keeps in float32: its logits, latents and segmentation logits,
+# and the conditional batch norms' gamma and beta (Dense maps of the float32 latent)
+_FLOAT32_OUTPUTS = re.compile(
+    r"^(__call__|decoder_net/__call__|encoder_net/__call__)/|/(gamma|beta)/"
+)
+
+
+def _output_dtypes(model, config, train: bool) -> dict[str, np.dtype]:
+    """{module path: dtype} of every module output of one forward pass, traced from shapes only."""
+    low = jnp.zeros((2,) + tuple(g // 2 for g in TINY_GRID) + (4,))
+    locs = jnp.zeros((2, 8, 3), jnp.int32)
+    patches = jnp.zeros((2, 8, 7, 7, 7, 4), model.dtype)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), low, locs, patches, False))
+    apply = functools.partial(model.apply, capture_intermediates=True, mutable=True)
+    _, state = jax.eval_shape(lambda v: apply(v, low, locs, patches, train), variables)
+    flat = jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]
+    return {"/".join(str(getattr(k, "key", k)) for k in path): leaf.dtype for path, leaf in flat}
+
+
+def test_every_layer_of_encoder_patch_encoder_and_decoder_computes_in_bfloat16(tmp_path):
+    """bfloat16: each layer's output (convolutions, batch norms, activations, dense layers) in the
+    encoder, the patch encoder and the decoder, in training and in the predictor; float32: none."""
+    config = tiny_config(tmp_path)
+    config.eval.dtype = "bfloat16"
+    model = Predictor(config, build_model(config), {}).model
+    for dtypes in (
+        _output_dtypes(build_model(config, "bfloat16"), config, True),
+        _output_dtypes(model, config, False),
+    ):
+        wide = sorted(
+            p for p, d in dtypes.items() if d != jnp.bfloat16 and not _FLOAT32_OUTPUTS.search(p)
+        )
+        assert wide == []
+        for part in ("encoder_net/", "patch_net/", "decoder_net/"):
+            assert sum(p.startswith(part) and d == jnp.bfloat16 for p, d in dtypes.items()) >= 6
+    dtypes = _output_dtypes(build_model(config), config, True)
+    assert {str(d) for d in dtypes.values()} == {"float32"}
 
 
 def test_bfloat16_train_step_keeps_float32_parameters(synthetic_root):

@@ -180,8 +180,30 @@ def _case(shape=(24, 20, 12)):
     return image, pred, target
 
 
-@pytest.mark.parametrize("which", ["both", "pred_only", "none", "empty"])
-def test_slices_png_is_a_valid_image(tmp_path, which):
+def _tinted_pixels(path) -> tuple[int, int]:
+    """Pixels tinted yellow (prediction) and green (label) over the grey image: a fill blends its
+    colour with the grey (0.25 opaque), a contour is the pure colour. Where the two fills overlap
+    the pixel counts as neither."""
+    pixels = imread(path)[..., :3].astype(np.float64)
+    r, g, b = pixels[..., 0], pixels[..., 1], pixels[..., 2]
+    yellow = (r - b > 0.15) & (np.abs(r - g) < 0.08)
+    green = (g - r > 0.15) & (g - b > 0.15) & (np.abs(r - b) < 0.08)
+    return int(yellow.sum()), int(green.sum())
+
+
+# (yellow, green) pixel bounds: the overlays cover thousands of pixels; the legend's short coloured
+# lines (present whenever a mask is given, empty or not) about 60 of each colour
+@pytest.mark.parametrize(
+    "which, yellow, green",
+    [
+        ("both", (2000, None), (2000, None)),
+        ("pred_only", (2000, None), (0, 0)),
+        ("none", (0, 0), (0, 0)),
+        ("empty", (1, 200), (1, 200)),
+    ],
+    ids=["both", "pred_only", "none", "empty"],
+)
+def test_slices_png_draws_prediction_and_label_overlays(tmp_path, which, yellow, green):
     image, pred, target = _case()
     if which == "pred_only":
         target = None
@@ -193,6 +215,8 @@ def test_slices_png_is_a_valid_image(tmp_path, which):
     slices_png(path, image, pred, target, (1.0, 1.2, 2.5), f"case {which}")
     _assert_png(path)
     assert os.listdir(tmp_path) == ["slices.png"]
+    for count, (low, high) in zip(_tinted_pixels(path), (yellow, green)):
+        assert count >= low and (high is None or count <= high), (which, count)
 
 
 def test_slices_png_rejects_mismatched_shapes(tmp_path):

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import types
 
@@ -105,6 +106,31 @@ def test_config_differences_ignore_tuples_versus_lists_and_train_keys(two_steps)
     assert training.config_differences(saved, new) == [
         ("data.grid_shape", [32, 32, 16], [64, 32, 16])
     ]
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("label_mode", "multiclass"),
+        ("labels", (0, 1, 2)),
+        ("downscale", 1),
+        ("region_labels", ((1, 2), (2,), (4,))),
+    ],
+)
+def test_resuming_refuses_changed_labels_and_downscale(tmp_path, key, value):
+    """What the checkpoint's parameters were trained to read and predict: a change is refused and
+    named, unless train.allow_config_change."""
+    config = tiny_config(tmp_path)
+    (tmp_path / "config.json").write_text(config.to_json())
+    training.check_resume_config(config, tmp_path)
+    saved = config.data[key]
+    config.data[key] = value
+    with pytest.raises(ValueError) as error:
+        training.check_resume_config(config, tmp_path)
+    old, new = json.loads(json.dumps([saved, value]))  # as config.json holds them: lists
+    assert f"data.{key}: {old!r} (saved) -> {new!r} (new)" in str(error.value)
+    config.train.allow_config_change = True
+    training.check_resume_config(config, tmp_path)
 
 
 @pytest.mark.slow
@@ -235,17 +261,73 @@ def test_free_space_check_names_the_folder_and_the_sizes(tmp_path):
     ckpt.close()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write to a read-only folder")
+NOBODY = 65534  # the unprivileged user the read-only test runs as under root (CI)
+
+# Imports as root (the interpreter and packages may be readable by root alone), then becomes NOBODY,
+# for whom file permissions hold, and trains into argv[2] on the dataset at argv[1].
+READ_ONLY_CHILD = """
+import os, pathlib, sys
+from ossnet_jax import training
+from tests.conftest import tiny_config
+
+try:
+    os.setgroups([])
+    os.setgid({uid})
+    os.setuid({uid})
+except OSError:  # no CAP_SETUID
+    sys.exit(4)
+try:
+    training.train_and_evaluate(tiny_config(pathlib.Path(sys.argv[1])), sys.argv[2])
+except PermissionError as error:
+    print(f"PermissionError: {{error}}")
+    sys.exit(3)
+"""
+
+
 def test_a_read_only_workdir_fails_before_training_and_is_named(synthetic_root, tmp_path):
-    workdir = tmp_path / "read_only"
-    workdir.mkdir()
-    workdir.chmod(0o555)
+    """A read-only workdir (mode 555). Root may write there anyway, so as root (how CI runs) the run
+    is a child process that drops to the unprivileged user `nobody` after its imports, on a copy of
+    the dataset (and its cache) that user can read; skipped only where that cannot be done."""
+    if os.geteuid() != 0:
+        workdir = tmp_path / "read_only"
+        workdir.mkdir()
+        workdir.chmod(0o555)
+        try:
+            with pytest.raises(PermissionError, match=f"cannot write to {re.escape(str(workdir))}"):
+                training.train_and_evaluate(tiny_config(synthetic_root), str(workdir))
+        finally:
+            workdir.chmod(0o755)
+        assert list(workdir.iterdir()) == []
+        return
+    dataset.load_split(tiny_config(synthetic_root))  # written and cached: the child only reads
+    # in /tmp, which nobody can reach (pytest's tmp_path lies in a folder of root's alone)
+    shared = pathlib.Path(tempfile.mkdtemp(prefix="ossnet_read_only_"))
     try:
-        with pytest.raises(PermissionError, match=f"cannot write to {re.escape(str(workdir))}"):
-            training.train_and_evaluate(tiny_config(synthetic_root), str(workdir))
+        root = shared / "data"
+        shutil.copytree(synthetic_root, root)
+        workdir = shared / "read_only"
+        workdir.mkdir()
+        for path in (shared, *shared.rglob("*")):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        workdir.chmod(0o555)
+        # folders of root's that the child may use after it became nobody: its own instead
+        env = dict(os.environ, MPLCONFIGDIR=str(shared / "mpl"))
+        env["JAX_COMPILATION_CACHE_DIR"] = str(shared / "jax_cache")
+        done = subprocess.run(
+            [sys.executable, "-c", READ_ONLY_CHILD.format(uid=NOBODY), str(root), str(workdir)],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if done.returncode == 4:
+            pytest.skip("root cannot become another user here (no CAP_SETUID)")
+        assert done.returncode == 3, done.stdout + done.stderr[-3000:]
+        assert f"cannot write to {workdir}" in done.stdout
+        assert list(workdir.iterdir()) == []
     finally:
-        workdir.chmod(0o755)
-    assert list(workdir.iterdir()) == []
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 def test_a_workdir_below_a_file_fails_before_training_and_is_named(synthetic_root, tmp_path):
@@ -306,8 +388,7 @@ from tests.conftest import tiny_config
 
 
 def get_config():
-    config = tiny_config(pathlib.Path({root!r}))
-    config.model.activation = "relu"  # compiles faster; the loop's guarantees are what is tested
+    config = tiny_config(pathlib.Path({root!r}))  # the update of the in-process runs: compiled once
     config.data.val_fraction = 0.0
     config.train.steps = {steps}
     config.train.log_every = 1

@@ -3,6 +3,11 @@ shapes, skip connections, crops and slices, sliding windows, slice stacking, los
 evaluate through training.train_and_evaluate for both families."""
 
 import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -11,8 +16,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ossnet_jax import evaluation, families, losses, training
-from ossnet_jax.data import labels
+from ossnet_jax import checkpointing, evaluation, families, losses, train_state, training
+from ossnet_jax.data import labels, nifti
 from ossnet_jax.families.unet import predictor as unet_inference
 from ossnet_jax.families.unet import step as unet_training
 from ossnet_jax.families.unet.model import UNet2D, UNet3D, build_unet
@@ -431,8 +436,95 @@ def test_unet_training_writes_what_oss_net_training_writes(trained):
 
 
 @pytest.mark.slow
-def test_evaluate_restores_a_unet_checkpoint_with_the_same_metrics(trained):
+def test_evaluate_restores_a_unet_checkpoint_with_the_same_metrics(trained, tmp_path, capsys):
+    """evaluate, into a new folder (nothing to reuse), predicts the run's labels and metrics again
+    with the slow (Lookahead) parameters and the statistics of the best checkpoint, read here on
+    their own (after 4 steps of k=5 the slow ones are still the initial ones, the fast ones moved)."""
     _, workdir, result = trained
-    again = evaluation.evaluate(evaluation.load_config(workdir), workdir)
+    config = evaluation.load_config(workdir)
+    config.eval.meshes = config.eval.pictures = False  # their writing: tests/test_evaluation.py
+    again = evaluation.evaluate(config, workdir, out_dir=tmp_path)
+    assert "reusing" not in capsys.readouterr().out and again["step"] == result["step"]
+    assert [a["id"] for a in again["cases"]] == [b["id"] for b in result["cases"]]
     for a, b in zip(again["cases"], result["cases"]):
-        assert a["id"] == b["id"] and a["dice"] == pytest.approx(b["dice"])
+        assert a["decoder_points"] == b["decoder_points"]
+        assert a["dice"] == pytest.approx(b["dice"]) and a["iou"] == pytest.approx(b["iou"])
+        name = f"{a['id']}.nii.gz"
+        np.testing.assert_array_equal(
+            nifti.load_nifti(tmp_path / "predictions" / name)[0],
+            nifti.load_nifti(workdir / "eval" / "predictions" / name)[0],
+        )
+    predictor, step = evaluation.restore_predictor(config, workdir)
+    family = families.get_family(config)
+    template = jax.eval_shape(
+        lambda: family.init_state(
+            config, build_unet(config), train_state.make_optimizer(config), jax.random.key(0)
+        )
+    )
+    ckpt = checkpointing.Checkpoints(workdir)
+    try:
+        assert step == ckpt.best_step() == result["step"]
+        saved = ckpt.restore(step, template)
+    finally:
+        ckpt.close()
+    expected = {"params": saved.params.slow, "batch_stats": saved.batch_stats}
+    assert jax.tree.structure(predictor.variables) == jax.tree.structure(expected)
+    for got, want in zip(jax.tree.leaves(predictor.variables), jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    moved = [
+        np.any(np.asarray(f) != np.asarray(s))
+        for f, s in zip(jax.tree.leaves(saved.params.fast), jax.tree.leaves(saved.params.slow))
+    ]
+    assert any(moved)
+
+
+COMPARE_CONFIG = """# the module's trained U-Net, as compare's --configs names it
+import pathlib
+
+from tests.conftest import tiny_unet_config
+
+
+def get_config(preset):
+    return tiny_unet_config(pathlib.Path({root!r}), preset)
+"""
+
+
+@pytest.mark.slow
+def test_compare_runs_as_a_program_and_tabulates_a_finished_run(trained, tmp_path):
+    """`python -m ossnet_jax.compare --configs tiny.py:unet2d --steps 4 --workdir CW --out O` with
+    the trained 2D U-Net copied to CW/tiny_unet2d: it measures the train step (the program the run
+    compiled, in the session's compilation cache), resumes at step 4 (nothing left to train), keeps
+    the run's evaluation and writes the table's JSON, Markdown and PNG."""
+    config, workdir, result = trained
+    if config.model.name != "unet2d":
+        pytest.skip("one family runs it: the 2D U-Net, the fastest to compile")
+    compare_dir = tmp_path / "compare"
+    shutil.copytree(workdir, compare_dir / "tiny_unet2d")
+    # main() keeps compiled programs in CW/.jax_cache: the session's here, so nothing recompiles
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    if cache:
+        (compare_dir / ".jax_cache").symlink_to(cache, target_is_directory=True)
+    spec = tmp_path / "tiny.py"
+    spec.write_text(COMPARE_CONFIG.format(root=str(config.data.root)))
+    out = tmp_path / "out" / "compare"
+    args = ["--configs", f"{spec}:unet2d", "--steps", "4", "--workdir", str(compare_dir)]
+    done = subprocess.run(
+        [sys.executable, "-m", "ossnet_jax.compare", *args, "--out", str(out)],
+        cwd=pathlib.Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = compare_dir / "tiny_unet2d"
+    assert f"resuming from step 4 of {run_dir / 'checkpoints'}" in done.stdout
+    assert "reusing 2 predictions of checkpoint step" in done.stdout
+    saved = json.loads(out.with_suffix(".json").read_text())
+    (row,) = saved["rows"]
+    assert row["name"] == "tiny:unet2d" and row["checkpoint_step"] == result["step"]
+    assert row["dice"] == pytest.approx(result["mean"]["dice"])
+    assert row["train_memory_mib"] > 0 and row["outputs_per_s"] > 0
+    assert saved["settings"]["steps"] == 4 and saved["settings"]["val_cases"] == 2
+    assert f"| tiny:unet2d | {row['dice']:.4f}" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["2", "4"]
