@@ -43,7 +43,9 @@ def tiny_config(root: pathlib.Path, **model) -> ml_collections.ConfigDict:
     """The demo config shrunk for tests: 6 cases of 28x28x16 on a 32x32x16 grid, a 16-wide decoder."""
     config = demo.get_config()
     config.data.root = str(root)
-    config.data.grid_shape = TINY_GRID  # what 'auto' plans for these cases, set so models build directly
+    config.data.grid_shape = (
+        TINY_GRID  # what 'auto' plans for these cases, set so models build directly
+    )
     config.data.num_channels = 4
     config.data.synthetic_shape = (28, 28, 16)
     config.data.synthetic_cases = 6
@@ -82,6 +84,28 @@ def tiny_unet_config(root: pathlib.Path, name: str) -> ml_collections.ConfigDict
     else:
         config.train.slices_per_volume = 2
     return config
+
+
+def assert_holds_best_slow_weights(predictor, step: int, workdir: pathlib.Path, template) -> None:
+    """The predictor evaluates with the slow (Lookahead) parameters and the statistics of the best
+    checkpoint (`step`), as read here on their own into `template`; the fast parameters moved."""
+    import jax
+    import numpy as np
+
+    from ossnet_jax import checkpointing
+
+    ckpt = checkpointing.Checkpoints(workdir)
+    try:
+        assert step == ckpt.best_step()
+        saved = ckpt.restore(step, template)
+    finally:
+        ckpt.close()
+    expected = {"params": saved.params.slow, "batch_stats": saved.batch_stats}
+    assert jax.tree.structure(predictor.variables) == jax.tree.structure(expected)
+    for got, want in zip(jax.tree.leaves(predictor.variables), jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    fast, slow = jax.tree.leaves(saved.params.fast), jax.tree.leaves(saved.params.slow)
+    assert any(np.any(np.asarray(f) != np.asarray(s)) for f, s in zip(fast, slow))
 
 
 @pytest.fixture(scope="session")
