@@ -19,6 +19,7 @@ from ossnet_jax.models import layers
 from tests.conftest import TINY_GRID, tiny_config, tiny_unet_config
 
 
+@pytest.mark.slow  # compiles a whole model; the quick tier checks every layer's dtype
 def test_bfloat16_forward_is_close_to_float32(tmp_path):
     """Same float32 parameters: probabilities agree within 0.05 (bfloat16 keeps 8 mantissa bits)."""
     config = tiny_config(tmp_path, activation="relu")
@@ -78,6 +79,7 @@ def test_every_layer_of_encoder_patch_encoder_and_decoder_computes_in_bfloat16(t
     assert {str(d) for d in dtypes.values()} == {"float32"}
 
 
+@pytest.mark.slow  # compiles a whole model; the quick tier checks every layer's dtype
 def test_bfloat16_train_step_keeps_float32_parameters(synthetic_root):
     config = tiny_config(synthetic_root, activation="relu")  # PAU in bfloat16: the test below
     config.train.dtype = "bfloat16"
@@ -96,6 +98,7 @@ def test_bfloat16_train_step_keeps_float32_parameters(synthetic_root):
     assert all(jax.tree.leaves(moved))
 
 
+@pytest.mark.slow  # compiles a whole model; the quick tier checks every layer's dtype
 def test_predictor_computes_in_eval_dtype(tmp_path):
     config = tiny_config(tmp_path, activation="relu")
     model = build_model(config)
