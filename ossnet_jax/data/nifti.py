@@ -38,6 +38,36 @@ def _nifti_suffix(path: Path) -> str:
     raise DataError(f"{path}: file name must end in .nii or .nii.gz")
 
 
+def _open(path: Path) -> nib.Nifti1Image | nib.Nifti2Image:
+    """The NIfTI image of `path` with its header read and its voxels not yet; DataError naming the
+    file if it is missing, unreadable or not NIfTI."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        img = nib.load(str(path), mmap=False)
+    except _READ_ERRORS as err:
+        raise DataError(f"{path}: not a readable NIfTI file ({err})") from err
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise DataError(f"{path}: not a NIfTI file (read as {type(img).__name__})")
+    return img
+
+
+def _affine(img: nib.Nifti1Image | nib.Nifti2Image, path: Path) -> np.ndarray:
+    """The image's (4, 4) float64 voxel-to-world affine; DataError naming `path` if not finite."""
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        raise DataError(f"{path}: affine is missing or not finite")
+    return affine
+
+
+def read_header(path: str | os.PathLike[str]) -> tuple[tuple[int, ...], np.ndarray]:
+    """The voxel shape (X, Y, Z[, C]) and the (4, 4) affine (mm) of a NIfTI file, reading no voxel;
+    the checks of `load_nifti` that need no voxel data (DataError naming the file)."""
+    path = Path(path)
+    img = _open(path)
+    return tuple(int(n) for n in img.header.get_data_shape()), _affine(img, path)
+
+
 def load_nifti(
     path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTES
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -61,15 +91,7 @@ def load_nifti(
             or NaN/Inf voxels in floating-point data.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    try:
-        img = nib.load(str(path), mmap=False)
-    except _READ_ERRORS as err:
-        raise DataError(f"{path}: not a readable NIfTI file ({err})") from err
-    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-        raise DataError(f"{path}: not a NIfTI file (read as {type(img).__name__})")
-
+    img = _open(path)
     shape = tuple(int(n) for n in img.header.get_data_shape())
     itemsize = int(img.header.get_data_dtype().itemsize)
     declared = int(np.prod(shape, dtype=object)) * itemsize
@@ -91,9 +113,7 @@ def load_nifti(
 
     if not data.dtype.isnative:
         data = data.astype(data.dtype.newbyteorder("="))
-    affine = np.asarray(img.affine, dtype=np.float64)
-    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
-        raise DataError(f"{path}: affine is missing or not finite")
+    affine = _affine(img, path)
     if np.issubdtype(data.dtype, np.floating) or np.issubdtype(data.dtype, np.complexfloating):
         bad = int(np.count_nonzero(~np.isfinite(data)))
         if bad:

@@ -79,19 +79,10 @@ def canonical_shape(shape: Sequence[int], affine: np.ndarray) -> tuple[int, int,
 
 
 def _header(path: pathlib.Path) -> tuple[tuple[int, ...], np.ndarray]:
-    """The voxel shape and affine in a NIfTI header; DataError naming the file if unreadable."""
-    if not path.is_file():
-        raise nifti.DataError(f"{path}: file not found")
-    try:
-        image = nib.load(str(path))
-        shape = tuple(int(n) for n in image.header.get_data_shape())
-        affine = np.asarray(image.affine, np.float64)
-    except Exception as err:  # nibabel raises many types for a bad header
-        raise nifti.DataError(f"{path}: not a readable NIfTI header ({err})") from err
+    """The voxel shape and affine of a 3D or 4D NIfTI file; DataError naming it otherwise."""
+    shape, affine = nifti.read_header(path)
     if len(shape) not in (3, 4) or min(shape) < 1:
         raise nifti.DataError(f"{path}: expected a 3D or 4D image, got shape {shape}")
-    if not np.all(np.isfinite(affine)):
-        raise nifti.DataError(f"{path}: affine is missing or not finite")
     return shape, affine
 
 
