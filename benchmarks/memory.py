@@ -62,7 +62,7 @@ import ml_collections
 import numpy as np
 from matplotlib.figure import Figure
 
-from ossnet_jax import families, files, runtime
+from ossnet_jax import families, files, runtime, training
 from ossnet_jax.data import dataset
 from ossnet_jax.families.oss_net import predictor as oss_net_predictor
 from ossnet_jax.families.oss_net import step as oss_net_step
@@ -197,18 +197,9 @@ def programs(model: str, grid: str, points: int, kernels: str = "auto") -> dict[
 
 
 def compiled_sizes(stats: Any) -> dict:
-    """Bytes of a compiled program's memory analysis: arguments, outputs, temporaries, aliased, and
-    their total (arguments + outputs + temporaries - aliased)."""
-    sizes = {
-        "argument_bytes": int(stats.argument_size_in_bytes),
-        "output_bytes": int(stats.output_size_in_bytes),
-        "temp_bytes": int(stats.temp_size_in_bytes),
-        "alias_bytes": int(stats.alias_size_in_bytes),
-    }
-    sizes["total_bytes"] = (
-        sizes["argument_bytes"] + sizes["output_bytes"] + sizes["temp_bytes"] - sizes["alias_bytes"]
-    )
-    return sizes
+    """Bytes of a compiled program's memory analysis as this file's JSON keys: argument_bytes,
+    output_bytes, temp_bytes, alias_bytes and total_bytes (training.compiled_memory)."""
+    return {f"{key}_bytes": value for key, value in training.compiled_memory(stats).items()}
 
 
 def analyse(program: Program) -> dict:

@@ -66,7 +66,9 @@ def load_config(spec: str) -> tuple[str, ml_collections.ConfigDict]:
     module_spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    config = dataset.resolve_data_config(module.get_config(preset) if preset else module.get_config())
+    config = dataset.resolve_data_config(
+        module.get_config(preset) if preset else module.get_config()
+    )
     return f"{pathlib.Path(path).stem}:{preset or 'default'}", config
 
 
@@ -106,13 +108,7 @@ def train_step_memory(config: ml_collections.ConfigDict) -> dict:
         functools.partial(family.train_step, model=model, tx=tx, config=config), donate_argnums=0
     )
     stats = step.lower(state, batch, jax.random.key(0)).compile().memory_analysis()
-    sizes = {
-        "argument": stats.argument_size_in_bytes,
-        "output": stats.output_size_in_bytes,
-        "temp": stats.temp_size_in_bytes,
-        "alias": stats.alias_size_in_bytes,
-    }
-    sizes["total"] = sizes["argument"] + sizes["output"] + sizes["temp"] - sizes["alias"]
+    sizes = training.compiled_memory(stats)
     sizes["params"] = int(sum(np.prod(p.shape) for p in jax.tree.leaves(state.params.fast)))
     return sizes
 

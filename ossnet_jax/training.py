@@ -342,21 +342,29 @@ def _record_skips(
     return consecutive
 
 
+def compiled_memory(stats: Any) -> dict[str, int]:
+    """Bytes per device of a compiled program's XLA memory analysis: 'argument', 'output', 'temp',
+    'alias' and their 'total' (arguments + outputs + temporaries - what the outputs alias of the
+    donated arguments)."""
+    sizes = {
+        "argument": int(stats.argument_size_in_bytes),
+        "output": int(stats.output_size_in_bytes),
+        "temp": int(stats.temp_size_in_bytes),
+        "alias": int(stats.alias_size_in_bytes),
+    }
+    sizes["total"] = sizes["argument"] + sizes["output"] + sizes["temp"] - sizes["alias"]
+    return sizes
+
+
 def memory_note(stats: Any) -> str:
-    """The device memory a compiled training step needs, from XLA's memory analysis (per device:
-    arguments + outputs + temporaries - what the outputs alias of the donated arguments)."""
+    """The device memory a compiled training step needs (compiled_memory), as one line."""
     if stats is None:
         return "training step: this backend reports no memory analysis"
-    total = (
-        stats.argument_size_in_bytes
-        + stats.output_size_in_bytes
-        + stats.temp_size_in_bytes
-        - stats.alias_size_in_bytes
-    )
+    sizes = compiled_memory(stats)
     mib = lambda n: f"{n / 2**20:,.0f} MiB"
     return (
-        f"training step: {mib(total)} of device memory per device (inputs and state "
-        f"{mib(stats.argument_size_in_bytes)}, temporaries {mib(stats.temp_size_in_bytes)})"
+        f"training step: {mib(sizes['total'])} of device memory per device (inputs and state "
+        f"{mib(sizes['argument'])}, temporaries {mib(sizes['temp'])})"
     )
 
 
