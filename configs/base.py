@@ -4,9 +4,10 @@ Variant files import `get_base_config` and override a handful of fields. Presets
   'brats' (default) the official BraTS 2020 sizes: 240x240x155 padded to 256x256x160, 4 modalities.
   'lits'  the official LiTS sizes: CT clipped to [-200, 250] HU and resampled to 512^3, 1 channel,
           encoder 1->8->16->32->64->128.
-  'small' a CPU-sized version of the same structure on the built-in synthetic BraTS-like data: a
-          planned grid ('auto': 96x96x64 for the synthetic data), channels from the data, 3 encoder
-          blocks, a 128-wide decoder, 2 x 2048 locations, 400 steps.
+  'small' a CPU-sized version of the same structure on the built-in synthetic BraTS-like data
+          (--config.data.synthetic_kind=vessels: thin branching vessels instead): a planned grid
+          ('auto': 96x96x64 for the synthetic data), channels from the data, 3 encoder blocks, a
+          128-wide decoder, 2 x 2048 locations, 400 steps.
   'brats_release', 'lits_release'  'brats' and 'lits' with the official release's preprocessing and
           voxel-index locations (`release_preprocessing`): what its published checkpoints expect
           (python -m ossnet_jax.official convert selects them).
@@ -65,6 +66,9 @@ def get_base_config(preset: str = "brats") -> ml_collections.ConfigDict:
     data.synthetic_shape = (88, 88, 58)  # only for format 'synthetic'; voxels before padding
     # only for format 'synthetic': the generator's seed; each setting has its own folder in data.root
     data.synthetic_seed = 0
+    # only for format 'synthetic': 'tumour' BraTS-like 4-channel tumours (data/synthetic.py) |
+    # 'vessels' 1-channel thin branching vessels in the Decathlon layout (data/synthetic_vessels.py)
+    data.synthetic_kind = "tumour"
 
     config.model = model = ml_collections.ConfigDict()
     model.name = "oss_net"

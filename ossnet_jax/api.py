@@ -68,7 +68,7 @@ class Model:
             return case
         if isinstance(case, tuple):
             return self._prepare_array(*case)
-        found = scans.find_scans(case, self.config.data.format)
+        found = scans.find_scans(case, dataset.layout_format(self.config))
         if len(found) != 1:
             names = ", ".join(scan.id for scan in found[:5])
             raise nifti.DataError(

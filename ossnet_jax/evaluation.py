@@ -259,7 +259,7 @@ def predict_scans(
     Returns the prediction files written, in scan order.
     """
     out_dir = pathlib.Path(out_dir)
-    found = scans.find_scans(path, config.data.format)
+    found = scans.find_scans(path, dataset.layout_format(config))
     targets = [out_dir / f"{scan.id}.nii.gz" for scan in found]
     inputs = {file.resolve() for scan in found for file in scan.image_paths}
     clashes = [str(target) for target in targets if target.resolve() in inputs]

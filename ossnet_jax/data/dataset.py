@@ -28,11 +28,21 @@ import numpy as np
 from tqdm import tqdm
 
 from ossnet_jax import families
-from ossnet_jax.data import labels, layouts, nifti, planning, preprocess, synthetic
+from ossnet_jax.data import (
+    labels,
+    layouts,
+    nifti,
+    planning,
+    preprocess,
+    synthetic,
+    synthetic_vessels,
+)
 from ossnet_jax.errors import ConfigError
 
 CACHE_VERSION = 2
 AFFINE_TOLERANCE_MM = 1e-3  # image files and label of one case must agree to this (world mm)
+# data.synthetic_kind -> the layout its files are written in
+SYNTHETIC_LAYOUTS = {"tumour": "brats", "vessels": "msd"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +99,7 @@ class PreparedCase:
 
 
 def _msd_task(config: ml_collections.ConfigDict) -> layouts.MsdTask:
-    return layouts.read_msd_task(config.data.root)
+    return layouts.read_msd_task(dataset_root(config))
 
 
 def resolve_data_config(
@@ -97,10 +107,11 @@ def resolve_data_config(
 ) -> ml_collections.ConfigDict:
     """A copy of `config` whose data settings that can come from the data do (data/planning.py).
 
-    MSD: data.labels / label_names / num_channels from dataset.json. data.num_channels = 0: from the
-    format (BraTS and synthetic 4, LiTS 1) or else the first case. data.grid_shape = 'auto': the
-    smallest grid holding every case that the model family's grid_multiple divides. Case headers
-    are read only where a value needs them (never for the synthetic data, planned from its settings);
+    MSD and the synthetic vessels (written on first use): data.labels / label_names / num_channels
+    from dataset.json. data.num_channels = 0: from the format (BraTS and the synthetic tumours 4,
+    LiTS 1) or else the first case. data.grid_shape = 'auto': the smallest grid holding every case
+    that the model family's grid_multiple divides. Case headers are read only where a value needs
+    them (never for the synthetic data, planned from its settings);
     with `check_fit` always, and then an explicit grid (padded, not data.resample) too small for
     some cases raises DataError naming them and the grid that would hold every case, and a case
     whose channels differ from the others' raises DataError naming it. Cases whose headers cannot
@@ -110,14 +121,14 @@ def resolve_data_config(
     """
     values = config.to_dict()
     d = values["data"]
-    if d["format"] == "msd":
+    if layout_format(config) == "msd":
         task = _msd_task(config)
         d["num_channels"] = len(task.modalities)
         d["labels"] = task.labels
         d["label_names"] = task.label_names
     labels.label_spec(ml_collections.ConfigDict(d))  # validates the label settings early
     grid = planning.parse_grid(d["grid_shape"])
-    known_channels = d["num_channels"] or planning.FORMAT_CHANNELS.get(d["format"])
+    known_channels = d["num_channels"] or planning.format_channels(ml_collections.ConfigDict(d))
     if grid is not None and known_channels and not check_fit:
         d["grid_shape"], d["num_channels"] = grid, known_channels
         return ml_collections.ConfigDict(values)
@@ -147,9 +158,9 @@ def _case_geometries(config: ml_collections.ConfigDict) -> list[planning.CaseGeo
     """The reoriented shape and channels of every case whose headers can be read (the synthetic data:
     from its settings); DataError naming the dataset if there is none."""
     if config.data.format == "synthetic":
-        return [
-            planning.synthetic_geometry(pathlib.Path(config.data.root), config.data.synthetic_shape)
-        ]
+        d = config.data
+        kind = planning.synthetic_kind(d)
+        return [planning.synthetic_geometry(pathlib.Path(d.root), d.synthetic_shape, kind)]
     geometries = []
     for case in find_cases(config):
         try:
@@ -162,22 +173,34 @@ def _case_geometries(config: ml_collections.ConfigDict) -> list[planning.CaseGeo
 
 
 def dataset_root(config: ml_collections.ConfigDict) -> pathlib.Path:
-    """The folder of cases; the synthetic data is written on first use, into a subfolder of data.root
-    named by its generator settings, so that datasets of different settings live side by side."""
+    """The folder of cases; the synthetic data (data.synthetic_kind: BraTS-like tumours or vessels in
+    an MSD task) is written on first use, into a subfolder of data.root named by its kind and
+    generator settings, so that datasets of different settings live side by side."""
     root = pathlib.Path(config.data.root)
     if config.data.format == "synthetic":
         d = config.data
         shape = tuple(int(s) for s in d.synthetic_shape)
         seed = int(d.get("synthetic_seed", 0))
-        folder = synthetic.settings_folder(d.synthetic_cases, seed, shape)
-        return synthetic.write_synthetic_brats(root / folder, d.synthetic_cases, seed, shape)
+        if planning.synthetic_kind(d) == "vessels":
+            folder = root / synthetic_vessels.settings_folder(d.synthetic_cases, seed, shape)
+            return synthetic_vessels.write_synthetic_vessels(folder, d.synthetic_cases, seed, shape)
+        folder = root / synthetic.settings_folder(d.synthetic_cases, seed, shape)
+        return synthetic.write_synthetic_brats(folder, d.synthetic_cases, seed, shape)
     return root
+
+
+def layout_format(config: ml_collections.ConfigDict) -> str:
+    """The layout of data.format's files: 'brats', 'lits' or 'msd' (the synthetic data: its kind's)."""
+    if config.data.format == "synthetic":
+        return SYNTHETIC_LAYOUTS[planning.synthetic_kind(config.data)]
+    return config.data.format
 
 
 def find_cases(config: ml_collections.ConfigDict) -> list[layouts.Case]:
     """All cases of the configured dataset (data.format, data.root, data.subset), sorted by id."""
-    fmt = "brats" if config.data.format == "synthetic" else config.data.format
-    return layouts.find_cases(fmt, dataset_root(config), config.data.get("subset", "training"))
+    return layouts.find_cases(
+        layout_format(config), dataset_root(config), config.data.get("subset", "training")
+    )
 
 
 def split_ids(ids: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:

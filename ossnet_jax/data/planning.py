@@ -3,8 +3,9 @@
 data.grid_shape = 'auto' plans the smallest grid that holds every case after reorientation to RAS and
 that the model family's halvings and data.downscale divide along each axis (families.Family's
 grid_multiple). data.num_channels = 0 takes the channels from the data: 4 for BraTS (one file per
-modality) and the synthetic data, 1 for LiTS, the modalities of an MSD task's dataset.json, otherwise
-those of the first case. Only file headers are read; the synthetic data is planned from its settings.
+modality) and the synthetic tumours, 1 for LiTS and the synthetic vessels, the modalities of an MSD
+task's dataset.json, otherwise those of the first case. Only file headers are read; the synthetic data
+is planned from its settings.
 """
 
 import dataclasses
@@ -16,14 +17,15 @@ import ml_collections
 import nibabel as nib
 import numpy as np
 
-from ossnet_jax.data import layouts, nifti, synthetic
+from ossnet_jax.data import layouts, nifti, synthetic, synthetic_vessels
 from ossnet_jax.errors import ConfigError
 
 AUTO_GRID = "auto"
-FORMAT_CHANNELS = {
-    "brats": len(synthetic.MODALITIES),
-    "synthetic": len(synthetic.MODALITIES),
-    "lits": 1,
+FORMAT_CHANNELS = {"brats": len(synthetic.MODALITIES), "lits": 1}
+# data.synthetic_kind -> the channels of its cases: BraTS-like tumours, angiography-like vessels
+SYNTHETIC_CHANNELS = {
+    "tumour": len(synthetic.MODALITIES),
+    "vessels": len(synthetic_vessels.MODALITIES),
 }
 
 
@@ -110,11 +112,29 @@ def too_small(geometries: Sequence[CaseGeometry], grid: Sequence[int]) -> list[C
     return [g for g in geometries if any(s > n for s, n in zip(g.shape, grid))]
 
 
-def synthetic_geometry(root: pathlib.Path, shape: Sequence[int]) -> CaseGeometry:
-    """What every synthetic case in `root` is: data.synthetic_shape voxels (its affine only flips the
-    axes), one channel per modality."""
+def synthetic_kind(data: ml_collections.ConfigDict) -> str:
+    """data.synthetic_kind ('tumour' where a config.json written before the key lacks it); ConfigError
+    naming the key and the choices otherwise."""
+    kind = data.get("synthetic_kind", "tumour")
+    if kind not in SYNTHETIC_CHANNELS:
+        raise ConfigError(
+            f"data.synthetic_kind must be one of {tuple(SYNTHETIC_CHANNELS)}, got {kind!r}"
+        )
+    return kind
+
+
+def format_channels(data: ml_collections.ConfigDict) -> Optional[int]:
+    """The channels data.format (and for the synthetic data data.synthetic_kind) fixes, or None."""
+    if data["format"] == "synthetic":
+        return SYNTHETIC_CHANNELS[synthetic_kind(data)]
+    return FORMAT_CHANNELS.get(data["format"])
+
+
+def synthetic_geometry(root: pathlib.Path, shape: Sequence[int], kind: str) -> CaseGeometry:
+    """What every synthetic case of data.synthetic_kind `kind` in `root` is: data.synthetic_shape
+    voxels (its affine at most flips the axes), one channel per modality."""
     shape = tuple(int(s) for s in shape)
-    return CaseGeometry("synthetic", root, shape, len(synthetic.MODALITIES))
+    return CaseGeometry("synthetic", root, shape, SYNTHETIC_CHANNELS[kind])
 
 
 def inferred_channels(fmt: str, geometries: Sequence[CaseGeometry]) -> Optional[int]:
