@@ -6,6 +6,11 @@ and train.py runs compile is compiled once. It is set here, before anything impo
 already named in JAX_COMPILATION_CACHE_DIR is used instead. XLA_FLAGS get the entry points' XLA:CPU
 flags (ossnet_jax/kernels/cpu/xla_flags.py) here too, so the tests run the programs users run, and
 GLIBC_TUNABLES the huge-page setting the entry points re-execute themselves to get (kernels/cpu/hostmem.py).
+
+One flag is the tests' own, COMPILE_FAST: LLVM's backend optimisation level 0. XLA's HLO passes, its
+fusion and buffer assignment (so the compiled memory, donation and the op forms the tests read) are
+unchanged; only the machine code is less optimised, which halves the compile time that dominates the
+tiny programs tested here. Benchmarks and the entry points never set it.
 """
 
 import atexit
@@ -28,6 +33,9 @@ import pytest
 from configs import demo
 from ossnet_jax.kernels.cpu import hostmem, xla_flags
 
+COMPILE_FAST = "--xla_backend_optimization_level=0"
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {COMPILE_FAST}".strip()
 xla_flags.configure()  # before any JAX computation: the tests compile what train.py and evaluate.py do
 if hostmem.huge_pages_wanted(dict(os.environ)):
     # python subprocesses (train.py, evaluate.py) start with the huge-page setting their first call

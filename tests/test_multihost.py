@@ -22,7 +22,7 @@ from ossnet_jax import checkpointing, distributed, train_state, training
 from ossnet_jax.data import dataset, schedule
 from ossnet_jax.families.oss_net import step as oss_net_step
 from ossnet_jax.families.oss_net.model import build_model
-from tests.conftest import tiny_config
+from tests.conftest import COMPILE_FAST, tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -130,7 +130,8 @@ def test_auto_mode_finds_a_slurm_job_and_fails_clearly_outside_a_cluster():
     """Two processes with a SLURM job step's variables (2 tasks on node 127.0.0.1) join without
     coordinator, count or id; a third without them is told that no cluster was found."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_COORDINATOR_PORT": str(_free_port())}
-    for name in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+    env["XLA_FLAGS"] = COMPILE_FAST  # one CPU device per process
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         env.pop(name, None)
     env = {k: v for k, v in env.items() if not k.startswith(("SLURM_", "OMPI_"))}
     slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_NTASKS": "2"}
@@ -167,7 +168,7 @@ def test_two_processes_reach_the_parameters_of_one(synthetic_root, tmp_path):
     shared = tmp_path / "two"
     address = f"127.0.0.1:{_free_port()}"
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_COORDINATOR_ADDRESS": address}
-    env.pop("XLA_FLAGS", None)  # one CPU device per process
+    env["XLA_FLAGS"] = COMPILE_FAST  # one CPU device per process
     processes = [
         subprocess.Popen(
             [sys.executable, "-c", PROCESS, str(synthetic_root), str(shared)],

@@ -22,22 +22,20 @@ from ossnet_jax.data import dataset, nifti
 from ossnet_jax.families.oss_net.model import build_model
 from ossnet_jax.families.oss_net.step import init_state
 from ossnet_jax.train_state import make_optimizer
-from tests.conftest import tiny_config
+from tests.conftest import COMPILE_FAST, tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _env() -> dict:
     """The test's environment for a subprocess that sets its own device count."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("XLA_FLAGS", None)
-    return env
+    return {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": COMPILE_FAST}
 
 
 SCRIPT = textwrap.dedent(
     """
     import functools, os, pathlib, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=2"
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -151,7 +149,7 @@ def test_two_device_steps_over_data_and_over_points_equal_one_device_steps(synth
 EVALUATE = textwrap.dedent(
     """
     import os, pathlib, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=2"
     import jax
     from ossnet_jax import evaluation
     from ossnet_jax.data import dataset
