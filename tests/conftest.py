@@ -78,6 +78,39 @@ def tiny_config(root: pathlib.Path, **model) -> ml_collections.ConfigDict:
     return config
 
 
+def mechanics_config(root: pathlib.Path, **model) -> ml_collections.ConfigDict:
+    """tiny_config with ReLU, one encoder level and one decoder block, which compile fastest, and no
+    meshes or pictures: for tests of the loop, checkpoints, resumption, sharding and configurations
+    rather than of the model. Tests that share it share its compiled programs (the session cache)."""
+    config = tiny_config(root, activation="relu", encoder_channels=(4,), decoder_blocks=1, **model)
+    config.eval.meshes = False
+    config.eval.pictures = False
+    return config
+
+
+# A config file for the benchmark programs the tests run as subprocesses (benchmarks/accelerator.py,
+# benchmarks/lowering.py): the small preset with the cheapest network that keeps every kind of layer.
+TINY_PRESET = """
+from configs import oss_net_c
+
+
+def get_config(arg="small"):
+    config = oss_net_c.get_config(arg)
+    config.data.grid_shape = (32, 32, 16)
+    config.model.encoder_channels = (4,)
+    config.model.decoder_width = 16
+    config.model.decoder_blocks = 1
+    return config
+"""
+
+
+def tiny_preset(folder: pathlib.Path) -> str:
+    """'FOLDER/tiny.py:small', TINY_PRESET written there: a --config for benchmark subprocesses."""
+    path = folder / "tiny.py"
+    path.write_text(TINY_PRESET)
+    return f"{path}:small"
+
+
 def tiny_unet_config(root: pathlib.Path, name: str) -> ml_collections.ConfigDict:
     """configs/<name>.py ('unet3d' | 'unet2d') on tiny_config's data and schedule, widths (4, 8)."""
     tiny = tiny_config(root)

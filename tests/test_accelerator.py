@@ -7,20 +7,7 @@ import sys
 import pytest
 
 from benchmarks import accelerator
-
-# a config file for the smoke run: the small preset shrunk to the test suite's tiny network
-TINY_CONFIG = """
-from configs import oss_net_c
-
-
-def get_config(arg="small"):
-    config = oss_net_c.get_config(arg)
-    config.data.grid_shape = (32, 32, 16)
-    config.model.encoder_channels = (4, 8)
-    config.model.decoder_width = 16
-    config.model.decoder_blocks = 2
-    return config
-"""
+from tests.conftest import tiny_preset
 
 
 def test_device_slug():
@@ -46,10 +33,8 @@ def test_programs_with_while_loops_take_the_xla_programs_flops():
 
 @pytest.mark.slow
 def test_smoke_run_writes_positive_numbers(tmp_path):
-    config = tmp_path / "tiny.py"
-    config.write_text(TINY_CONFIG)
     out = tmp_path / "result" / "accelerator.json"
-    command = [sys.executable, "-m", "benchmarks.accelerator", "--config", f"{config}:small"]
+    command = [sys.executable, "-m", "benchmarks.accelerator", "--config", tiny_preset(tmp_path)]
     command += ["--batch", "2", "--points", "64", "--kernels", "cpu", "--repeats", "1"]
     command += ["--gemm", "128", "--out", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)

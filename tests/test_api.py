@@ -21,6 +21,15 @@ def loaded(trained_run):
     return model, folder, model.field(folder), workdir
 
 
+@pytest.fixture(scope="module")
+def fine(loaded):
+    """The field's label map and affine at 0.5 mm, half the synthetic cases' 1 mm voxels: segmented
+    once for the two tests that read it."""
+    _, _, field, _ = loaded
+    np.testing.assert_allclose(nifti.voxel_spacing(field.case.affine), 1.0, rtol=1e-6)
+    return field.segment(spacing=0.5)
+
+
 def test_segment_at_native_spacing_is_what_evaluate_wrote(loaded):
     model, folder, field, workdir = loaded
     labels, affine = field.segment()
@@ -56,12 +65,12 @@ def test_array_input_gives_the_field_of_the_files(loaded):
     np.testing.assert_allclose(other(points), field(points), rtol=1e-5, atol=1e-6)
 
 
-def test_super_resolved_prediction_has_its_shape_affine_and_agrees_with_native(loaded):
+def test_super_resolved_prediction_has_its_shape_affine_and_agrees_with_native(loaded, fine):
     model, _, field, _ = loaded
     case = field.case
     native, _ = field.segment()
-    spacing = np.asarray(nifti.voxel_spacing(case.affine)) / 2
-    fine, affine = field.segment(spacing=spacing)
+    spacing = np.asarray(nifti.voxel_spacing(case.affine)) / 2  # 0.5 mm: the fixture's spacing
+    fine, affine = fine
     assert fine.shape == tuple(2 * n for n in case.file_shape)
     np.testing.assert_allclose(affine[:3, :3], case.affine[:3, :3] / 2, atol=1e-9)
     np.testing.assert_allclose(affine[:3, 3], case.affine[:3, 3], atol=1e-9)  # first voxel kept
@@ -89,7 +98,7 @@ def test_mesh_from_the_field_lies_on_its_level_set(loaded):
 
 
 def test_evaluate_writes_super_resolved_predictions_scored_on_the_input_grid(
-    trained_run, loaded, tmp_path
+    trained_run, loaded, fine, tmp_path
 ):
     config, workdir, result = trained_run
     model, _, field, _ = loaded
@@ -101,7 +110,7 @@ def test_evaluate_writes_super_resolved_predictions_scored_on_the_input_grid(
     row = again["cases"][0]
     assert row["id"] == field.case.id and row["native_agreement"] >= 0.99
     written, affine = nifti.load_nifti(tmp_path / "predictions" / f"{row['id']}.nii.gz")
-    fine, fine_affine = field.segment(spacing=0.5)
+    fine, fine_affine = fine
     np.testing.assert_array_equal(np.asarray(written), fine)
     np.testing.assert_allclose(affine, fine_affine, atol=1e-5)
     native = next(c for c in result["cases"] if c["id"] == row["id"])

@@ -219,8 +219,7 @@ def _cases() -> list[Case]:
 
 CASES = _cases()
 CASE_PARAMS = [
-    pytest.param(case, id=case.id, marks=[pytest.mark.slow] if case.slow else [])
-    for case in CASES
+    pytest.param(case, id=case.id, marks=[pytest.mark.slow] if case.slow else []) for case in CASES
 ]
 # tested below on their own: noise is equal in distribution only, recomputation needs a module, the
 # search returns integers

@@ -98,9 +98,11 @@ def test_residual_block_halves_spatial_shape_with_downsample(
 ):
     x = jnp.ones((2, *spatial, cin))
     block = layers.ResidualBlock(cout, kernels=kernels, downsample=downsample)
-    variables = block.init(jax.random.key(0), x, train=False)
+    # shapes only: traced, not run (the values: test_residual_block_equals_reference_order_...)
+    variables = jax.eval_shape(lambda: block.init(jax.random.key(0), x, train=False))
     for train in (False, True):
-        y, _ = block.apply(variables, x, train=train, mutable=["batch_stats"])
+        apply = lambda v: block.apply(v, x, train=train, mutable=["batch_stats"])
+        y, _ = jax.eval_shape(apply, variables)
         assert y.shape == (2, *(s // 2 if downsample else s for s in spatial), cout)
     assert ("shortcut" in variables["params"]) == (cin != cout)
     rank = len(spatial)

@@ -10,6 +10,7 @@ import pytest
 
 from benchmarks import lowering
 from ossnet_jax.kernels.cpu.conv import SLAB_MIN_VOXELS
+from tests.conftest import tiny_preset
 
 SMALL = "configs/oss_net_c.py:small"
 TINY = dict(batch=2, points=64, grid=(32, 32, 16))  # 3 encoder blocks below downscale 2: 2x2x1
@@ -85,9 +86,9 @@ def test_xla_kernels_are_the_plain_formulation_on_accelerators(platform):
 
 
 @pytest.mark.slow
-def test_devices_run_compiles_the_sharded_step_with_all_reduces_only():
+def test_devices_run_compiles_the_sharded_step_with_all_reduces_only(tmp_path):
     command = [sys.executable, "-m", "benchmarks.lowering", "--platform", "cuda"]
-    command += ["--config", SMALL, "--batch", "2", "--points", "64", "--grid", "32", "32", "16"]
+    command += ["--config", tiny_preset(tmp_path), "--batch", "2", "--points", "64"]
     command += ["--devices", "2", "--check"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

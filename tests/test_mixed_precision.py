@@ -22,7 +22,8 @@ from tests.conftest import TINY_GRID, tiny_config, tiny_unet_config
 @pytest.mark.slow  # compiles a whole model; the quick tier checks every layer's dtype
 def test_bfloat16_forward_is_close_to_float32(tmp_path):
     """Same float32 parameters: probabilities agree within 0.05 (bfloat16 keeps 8 mantissa bits)."""
-    config = tiny_config(tmp_path, activation="relu")
+    # the smallest model (one encoder block, one decoder block): the dtypes are what is tested
+    config = tiny_config(tmp_path, activation="relu", encoder_channels=(4,), decoder_blocks=1)
     model32 = build_model(config)
     model16 = build_model(config, "bfloat16")
     image = jax.random.normal(jax.random.key(0), (2,) + TINY_GRID + (4,))
@@ -81,7 +82,8 @@ def test_every_layer_of_encoder_patch_encoder_and_decoder_computes_in_bfloat16(t
 
 @pytest.mark.slow  # compiles a whole model; the quick tier checks every layer's dtype
 def test_bfloat16_train_step_keeps_float32_parameters(synthetic_root):
-    config = tiny_config(synthetic_root, activation="relu")  # PAU in bfloat16: the test below
+    # PAU in bfloat16: the test below; one encoder and one decoder block: the dtypes are tested
+    config = tiny_config(synthetic_root, activation="relu", encoder_channels=(4,), decoder_blocks=1)
     config.train.dtype = "bfloat16"
     train_cases, _ = dataset.load_split(config)
     model = build_model(config)
@@ -100,7 +102,7 @@ def test_bfloat16_train_step_keeps_float32_parameters(synthetic_root):
 
 @pytest.mark.slow  # compiles a whole model; the quick tier checks every layer's dtype
 def test_predictor_computes_in_eval_dtype(tmp_path):
-    config = tiny_config(tmp_path, activation="relu")
+    config = tiny_config(tmp_path, activation="relu", encoder_channels=(4,), decoder_blocks=1)
     model = build_model(config)
     image = jax.random.normal(jax.random.key(0), TINY_GRID + (4,))
     locs = np.asarray(jax.random.randint(jax.random.key(1), (100, 3), 0, jnp.asarray(TINY_GRID)))

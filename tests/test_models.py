@@ -39,12 +39,15 @@ def test_variant_shapes(name, tmp_path):
         assert patches.shape == (b, n, 7, 7, 7, 8 if config.model.large_patches else 4)
     else:
         assert patches is None
-    variables = model.init(jax.random.key(2), low, locs, patches, train=False)
-    (logits, seg), _ = model.apply(
-        variables, low, locs, patches, train=True, mutable=["batch_stats"]
+    # shapes only: traced, not compiled (values: test_decode_of_encoded_latents_equals_call)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(2), low, locs, patches, False))
+    (logits, seg), _ = jax.eval_shape(
+        lambda v: model.apply(v, low, locs, patches, train=True, mutable=["batch_stats"]), variables
     )
     assert logits.shape == (b, n)
-    latents, _ = model.apply(variables, low, train=False, method=OSSNet.encode)
+    latents, _ = jax.eval_shape(
+        lambda v: model.apply(v, low, train=False, method=OSSNet.encode), variables
+    )
     latent_grid = 4 * 4 * 2  # 16x16x8 after two halvings
     k = 1 if config.model.encoder == "plain" else config.model.decoder_blocks + 1
     assert latents.shape == (b, k, latent_grid)
@@ -104,7 +107,7 @@ def test_patch_size_is_a_config_value(tmp_path):
     locs = jax.random.randint(jax.random.key(1), (1, 3, 3), 0, 16)
     low, patches = oss_net_model.model_inputs(config, image, locs)
     assert patches.shape == (1, 3, 5, 5, 5, 8)
-    variables = model.init(jax.random.key(2), low, locs, patches, train=False)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(2), low, locs, patches, False))
     assert variables["params"]["patch_net"]["conv1"]["kernel"].shape == (5, 5, 5, 8, 4)
     config.model.patch_size = 6
     with pytest.raises(ValueError, match="must be odd"):

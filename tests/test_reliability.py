@@ -16,6 +16,7 @@ import time
 import types
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -23,7 +24,7 @@ from ossnet_jax import checkpointing, evaluation, train_state, training
 from ossnet_jax.data import dataset
 from ossnet_jax.families.oss_net import step as oss_net_step
 from ossnet_jax.families.oss_net.model import build_model
-from tests.conftest import tiny_config
+from tests.conftest import mechanics_config, tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -44,7 +45,7 @@ def _checkpoint_steps(workdir: pathlib.Path) -> list[int]:
 
 @pytest.mark.slow
 def test_nonfinite_batch_skips_the_update_and_a_finite_one_applies_it(synthetic_root):
-    config = tiny_config(synthetic_root)
+    config = mechanics_config(synthetic_root)
     train_cases, _ = dataset.load_split(config)
     model = build_model(config)
     tx = train_state.make_optimizer(config)
@@ -73,7 +74,7 @@ def test_nonfinite_batch_skips_the_update_and_a_finite_one_applies_it(synthetic_
 def two_steps(synthetic_root, tmp_path_factory):
     """A 2-step run with a checkpoint at step 2; tests below only change it where they say so."""
     workdir = tmp_path_factory.mktemp("reliability")
-    config = tiny_config(synthetic_root)
+    config = mechanics_config(synthetic_root)
     config.train.steps = 2
     training.train_and_evaluate(config, str(workdir))
     assert _checkpoint_steps(workdir) == [2]
@@ -84,7 +85,7 @@ def two_steps(synthetic_root, tmp_path_factory):
 def test_resuming_with_another_model_is_refused_and_writes_nothing(two_steps):
     config, workdir = two_steps
     before = _snapshot(workdir)
-    changed = tiny_config(pathlib.Path(config.data.root), decoder_width=8)
+    changed = mechanics_config(pathlib.Path(config.data.root), decoder_width=8)
     changed.train.steps = 4
     with pytest.raises(ValueError) as error:
         training.train_and_evaluate(changed, str(workdir))
@@ -137,7 +138,7 @@ def test_resuming_refuses_changed_labels_and_downscale(tmp_path, key, value):
 def test_allowed_config_change_reaches_restore_which_names_the_mismatch(two_steps):
     config, workdir = two_steps
     before = _snapshot(workdir)
-    changed = tiny_config(pathlib.Path(config.data.root), decoder_width=8)
+    changed = mechanics_config(pathlib.Path(config.data.root), decoder_width=8)
     changed.train.allow_config_change = True
     with pytest.raises(ValueError, match=r"decoder_net\..*: saved \(.*16.*\), expected \(.*8.*\)"):
         training.train_and_evaluate(changed, str(workdir))
@@ -147,7 +148,7 @@ def test_allowed_config_change_reaches_restore_which_names_the_mismatch(two_step
 @pytest.mark.slow
 def test_restore_into_another_model_names_checkpoint_and_paths(two_steps):
     config, workdir = two_steps
-    changed = tiny_config(pathlib.Path(config.data.root), decoder_width=8)
+    changed = mechanics_config(pathlib.Path(config.data.root), decoder_width=8)
     model = build_model(changed)
     template = oss_net_step.init_state(
         changed, model, train_state.make_optimizer(changed), jax.random.key(0)
@@ -175,7 +176,7 @@ def test_a_longer_run_resumes_and_nan_batches_stop_it_keeping_the_checkpoint(
         return {**batch, "image": np.full_like(batch["image"], np.nan)}
 
     monkeypatch.setattr(training.dataset, "stack_batch", nan_batch)
-    longer = tiny_config(pathlib.Path(config.data.root))
+    longer = mechanics_config(pathlib.Path(config.data.root))
     longer.train.steps = 6
     longer.train.max_nonfinite_steps = 2
     with pytest.raises(
@@ -211,7 +212,7 @@ def test_nonfinite_steps_between_reads_are_found_at_the_next_read_without_saving
         return {**batch, "image": np.full_like(batch["image"], np.nan)}
 
     monkeypatch.setattr(training.dataset, "stack_batch", nan_batch)
-    longer = tiny_config(pathlib.Path(config.data.root))
+    longer = mechanics_config(pathlib.Path(config.data.root))
     longer.train.steps = 8
     longer.train.max_nonfinite_steps = 2
     longer.train.log_every = 5
@@ -380,21 +381,29 @@ def test_evaluate_skips_cases_done_for_the_same_step_unless_overwrite(two_steps,
 # train.py subprocesses. They share the session's persistent JAX compilation cache (conftest.py), so
 # only the first compiles.
 STEPS = 6
-RUN_CONFIG = """# tiny_config without validation cases, {steps} steps, a checkpoint every 2, a row per step.
-
-import pathlib
-
-from tests.conftest import tiny_config
 
 
-def get_config():
-    config = tiny_config(pathlib.Path({root!r}))  # the update of the in-process runs: compiled once
+def train_py_config(root: pathlib.Path) -> ml_collections.ConfigDict:
+    """mechanics_config without validation cases, STEPS steps, a checkpoint every 2, a row per step:
+    the in-process runs' update, compiled once."""
+    config = mechanics_config(root)
     config.data.val_fraction = 0.0
-    config.train.steps = {steps}
+    config.train.steps = STEPS
     config.train.log_every = 1
     config.train.checkpoint_every = 2
     config.train.eval_every = 1000
     return config
+
+
+RUN_CONFIG = """# train_py_config as a config file for train.py.
+
+import pathlib
+
+from tests.test_reliability import train_py_config
+
+
+def get_config():
+    return train_py_config(pathlib.Path({root!r}))
 """
 TIMEOUT_S = 240
 
@@ -438,7 +447,7 @@ def start_run(synthetic_root, tmp_path_factory):
     """start_run(workdir, *flags) starts train.py on the tiny STEPS-step config in WORKDIR."""
     folder = tmp_path_factory.mktemp("train_py")
     config_file = folder / "tiny.py"
-    config_file.write_text(RUN_CONFIG.format(root=str(synthetic_root), steps=STEPS))
+    config_file.write_text(RUN_CONFIG.format(root=str(synthetic_root)))
     env = {
         **os.environ,
         "PYTHONUNBUFFERED": "1",
@@ -453,11 +462,12 @@ def start_run(synthetic_root, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(start_run, tmp_path_factory) -> pathlib.Path:
-    """The workdir of an uninterrupted run: checkpoints at steps 2, 4 and 6."""
+def reference(synthetic_root, tmp_path_factory) -> pathlib.Path:
+    """The workdir of an uninterrupted run of the train.py runs' configuration: checkpoints at steps
+    2, 4 and 6. Trained in this process, where the XLA flags are train.py's (conftest.py), since
+    train.py only calls train_and_evaluate; its subprocess start would add nothing checked here."""
     workdir = tmp_path_factory.mktemp("uninterrupted")
-    run = start_run(workdir)
-    assert run.finish() == 0, run.output()
+    training.train_and_evaluate(train_py_config(synthetic_root), str(workdir))
     assert _checkpoint_steps(workdir) == [2, 4, STEPS]
     return workdir
 

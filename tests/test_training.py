@@ -34,7 +34,7 @@ from ossnet_jax.data import dataset, nifti
 from ossnet_jax.families.oss_net import model as oss_net_model
 from ossnet_jax.families.oss_net import step as oss_net_step
 from ossnet_jax.families.oss_net.model import build_model
-from tests.conftest import assert_holds_best_slow_weights, tiny_config
+from tests.conftest import assert_holds_best_slow_weights, mechanics_config, tiny_config
 from tests.dataset_writers import write_msd
 from tests.events import scalars
 
@@ -54,7 +54,7 @@ def test_learning_rate_steps_down_at_40_and_60_percent(tmp_path):
 
 @pytest.mark.slow
 def test_pau_coefficients_get_ten_times_the_step(tmp_path):
-    config = tiny_config(tmp_path)
+    config = tiny_config(tmp_path, encoder_channels=(4,), decoder_blocks=1)  # PAU kept
     model = build_model(config)
     tx = train_state.make_optimizer(config)
     state = oss_net_step.init_state(config, model, tx, jax.random.key(0))
@@ -66,10 +66,17 @@ def test_pau_coefficients_get_ten_times_the_step(tmp_path):
     np.testing.assert_allclose(np.asarray(pau), 10 * np.asarray(dense).flat[0], rtol=1e-5)
 
 
+def _small_config(root):
+    """mechanics_config at learning rate 3e-3: the composed train step of the two tests below is one
+    program, compiled once."""
+    config = mechanics_config(root)
+    config.train.learning_rate = 3e-3
+    return config
+
+
 @pytest.mark.slow
 def test_loss_falls_on_a_fixed_batch(synthetic_root):
-    config = tiny_config(synthetic_root)
-    config.train.learning_rate = 3e-3
+    config = _small_config(synthetic_root)
     train_cases, _ = dataset.load_split(config)
     model = build_model(config)
     tx = train_state.make_optimizer(config)
@@ -92,7 +99,7 @@ def test_separate_prepare_and_update_calls_equal_the_composed_step(synthetic_roo
     Integers (step, counts) agree exactly and floats to float32 rounding: with XLA:CPU's Eigen dots
     (ossnet_jax/xla_cpu.py) the one program fuses some products differently (4e-6 relative seen).
     """
-    config = tiny_config(synthetic_root)  # the training runs' prepare and update: compiled once
+    config = _small_config(synthetic_root)  # test_loss_falls_...'s train step: compiled once
     train_cases, _ = dataset.load_split(config)
     model = build_model(config)
     tx = train_state.make_optimizer(config)
@@ -111,7 +118,7 @@ def test_separate_prepare_and_update_calls_equal_the_composed_step(synthetic_roo
         inputs = prepare(batch, rng, jnp.asarray(s, jnp.int32))
         split, got = update(split, inputs, rng)
         assert set(inputs) == {"low", "locations", "index", "patches", "coarse"}
-        assert inputs["low"].shape == (2, 16, 16, 8, 4) and inputs["coarse"].shape[1:4] == (4, 4, 2)
+        assert inputs["low"].shape == (2, 16, 16, 8, 4) and inputs["coarse"].shape[1:4] == (8, 8, 4)
         for a, b in zip(jax.tree.leaves((composed, want)), jax.tree.leaves((split, got))):
             a, b = np.asarray(a), np.asarray(b)
             if np.issubdtype(a.dtype, np.floating):
@@ -143,7 +150,7 @@ def test_update_inputs_do_not_grow_with_the_grid_when_the_encoder_input_does_not
 
 @pytest.mark.slow
 def test_checkpoint_round_trip_and_best_by_dice(tmp_path):
-    config = tiny_config(tmp_path)
+    config = mechanics_config(tmp_path)
     model = build_model(config)
     tx = train_state.make_optimizer(config)
     state = oss_net_step.init_state(config, model, tx, jax.random.key(0))
@@ -171,7 +178,7 @@ def test_the_loop_reads_the_device_only_at_log_steps_and_a_stop(
     converts no other device value from its first step on; so steps 2 and 3 were dispatched before
     step 1's results were read. The stop is seen at step 5 (one process checks every step) and
     step 5 is saved."""
-    config = tiny_config(synthetic_root, activation="relu", encoder_channels=(4,), decoder_blocks=1)
+    config = mechanics_config(synthetic_root)
     config.data.val_fraction = 0.0
     config.train.steps = 6
     config.train.log_every = 3
