@@ -13,19 +13,19 @@ from ossnet_jax import compare, families, train_state
 from ossnet_jax.errors import ConfigError
 from tests.conftest import tiny_config, tiny_unet_config
 
-TINY_SPEC = """# tests/conftest.py's tiny OSS-Net config, as --configs / --base name it
+TINY_SPEC = """# tests/conftest.py's mechanics config (its programs are compiled once), as --configs / --base name it
 import pathlib
 
-from tests.conftest import tiny_config
+from tests.conftest import mechanics_config
 
 
 def get_config(preset):
-    return tiny_config(pathlib.Path({root!r}))
+    return mechanics_config(pathlib.Path({root!r}))
 """
 
 
 def tiny_spec(folder: pathlib.Path, data_root: pathlib.Path) -> str:
-    """'FOLDER/tiny.py:tiny', a config file of tiny_config on the data in `data_root`."""
+    """'FOLDER/tiny.py:tiny', a config file of mechanics_config on the data in `data_root`."""
     (folder / "tiny.py").write_text(TINY_SPEC.format(root=str(data_root)))
     return f"{folder / 'tiny.py'}:tiny"
 
