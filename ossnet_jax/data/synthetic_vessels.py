@@ -28,7 +28,6 @@ from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
-from scipy.signal import lfilter
 
 from ossnet_jax.data import synthetic
 from ossnet_jax.data.nifti import save_nifti
@@ -78,6 +77,8 @@ def _branch(
         ``(points, radius, complete)``: ``(n, 3)`` float64 voxel coordinates, ``(n,)`` radii
         tapering linearly from ``radii[0]`` to ``radii[1]``, and whether the full length was grown.
     """
+    from scipy.signal import lfilter  # here: importing scipy.signal takes about a second
+
     n = max(2, int(length / STEP))
     bends = lfilter([0.05 / (0.5 + radii[0])], [1.0, -0.9], rng.standard_normal((n, 3)), axis=0)
     radius = np.linspace(radii[0], radii[1], n + 1)
