@@ -18,7 +18,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -338,13 +338,10 @@ def write_synthetic_brats(
         "shape": list(shape),
         "generator_version": GENERATOR_VERSION,
     }
-    if target.exists():
-        return _check_existing(target, meta)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{DATASET_DIR}.tmp-{os.getpid()}-{time.monotonic_ns()}"
-    try:
-        affine = np.diag([-1.0, -1.0, 1.0, 1.0])
-        affine[1, 3] = shape[1] - 1
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+    affine[1, 3] = shape[1] - 1
+
+    def fill(tmp: Path) -> None:
         for i in range(1, num_cases + 1):
             case_id = f"BraTS20_Training_{i:03d}"
             image, label = generate_case(seed, i, shape)
@@ -352,6 +349,21 @@ def write_synthetic_brats(
             for m, mod in enumerate(MODALITIES):
                 save_nifti(tmp / case_id / f"{case_id}_{mod}.nii.gz", stored[..., m], affine)
             save_nifti(tmp / case_id / f"{case_id}_seg.nii.gz", label, affine)
+
+    return write_atomically(target, meta, fill)
+
+
+def write_atomically(target: Path, meta: dict, fill: Callable[[Path], None]) -> Path:
+    """``target`` built by ``fill(tmp)`` in a hidden sibling ``tmp``, with ``METADATA_FILE`` holding
+    ``meta``, then renamed into place: it is either complete or absent, and of two processes writing
+    the same dataset at once the first rename wins and the other returns it. An existing ``target``
+    is checked against ``meta`` (:func:`_check_existing`) and returned untouched."""
+    if target.exists():
+        return _check_existing(target, meta)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        fill(tmp)
         tmp.mkdir(parents=True, exist_ok=True)
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         os.rename(tmp, target)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Sequence
@@ -340,11 +339,8 @@ def write_synthetic_vessels(
         "shape": list(shape),
         "generator_version": GENERATOR_VERSION,
     }
-    if target.exists():
-        return synthetic._check_existing(target, meta)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{TASK_DIR}.tmp-{os.getpid()}-{time.monotonic_ns()}"
-    try:
+
+    def fill(tmp: Path) -> None:
         for i in range(1, num_cases + 1):
             image, label = generate_case(seed, i, shape)
             stored = np.clip(np.rint(image), 0, np.iinfo(np.int16).max).astype(np.int16)
@@ -352,15 +348,8 @@ def write_synthetic_vessels(
             save_nifti(tmp / "imagesTr" / name, stored, np.eye(4))
             save_nifti(tmp / "labelsTr" / name, label, np.eye(4))
         (tmp / "dataset.json").write_text(json.dumps(_dataset_json(num_cases), indent=2) + "\n")
-        (tmp / synthetic.METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        os.rename(tmp, target)
-    except OSError:
-        if target.exists():
-            return synthetic._check_existing(target, meta)
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return synthetic.write_atomically(target, meta, fill)
 
 
 def main(argv: list[str] | None = None) -> None:
