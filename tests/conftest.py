@@ -1,8 +1,8 @@
 """Shared fixtures: tiny OSS-Net and U-Net configurations and a tiny synthetic BraTS dataset on disk.
 
 Every test, and every python subprocess a test starts (they inherit the environment), shares one
-persistent JAX compilation cache in a folder made for the session: the tiny train step that many tests
-and train.py runs compile is compiled once. It is set here, before anything imports jax; a cache folder
+persistent JAX compilation cache in a folder made for the session: every program, however small, that
+several tests, both xdist workers or train.py runs compile is compiled once. It is set here, before anything imports jax; a cache folder
 already named in JAX_COMPILATION_CACHE_DIR is used instead. XLA_FLAGS get the entry points' XLA:CPU
 flags (ossnet_jax/kernels/cpu/xla_flags.py) here too, so the tests run the programs users run, and
 GLIBC_TUNABLES the huge-page setting the entry points re-execute themselves to get (kernels/cpu/hostmem.py).
@@ -24,7 +24,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _CACHE = tempfile.mkdtemp(prefix="ossnet_jax_test_cache_")
     atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
-    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import ml_collections
