@@ -401,6 +401,12 @@ def bar_chart(rows: list[dict]) -> bytes:
     return buffer.getvalue()
 
 
+def dataset_label(data: ml_collections.ConfigDict) -> str:
+    """'synthetic vessels (data/synthetic_brats)': the format (the synthetic data's kind too), root."""
+    kind = f" {data.get('synthetic_kind', 'tumour')}" if data.format == "synthetic" else ""
+    return f"{data.format}{kind} ({data.root})"
+
+
 def compare(
     specs: list[str],
     workdir: pathlib.Path,
@@ -440,7 +446,7 @@ def compare(
     settings = {
         "configs": list(specs),
         "overrides": overrides,
-        "dataset": f"{first.data.format} ({first.data.root})",
+        "dataset": dataset_label(first.data),
         "grid_shape": list(first.data.grid_shape),
         "train_cases": len(train_cases),
         "val_cases": len(val_cases),
