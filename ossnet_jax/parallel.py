@@ -136,9 +136,13 @@ def shard_batch(batch: Any, mesh: Optional[Mesh]) -> Any:
 
 
 def replicate(tree: Any, mesh: Optional[Mesh]) -> Any:
-    """Places a pytree on every device of `mesh` (unchanged without a mesh)."""
+    """Places a pytree on every device of `mesh`; without a mesh, commits it to the default device.
+
+    Committed like the arrays a checkpoint restores, a fresh state lowers the train step to the same
+    program as a resumed one, so a resumed run finds it in the persistent compilation cache.
+    """
     if mesh is None:
-        return tree
+        return jax.device_put(tree, jax.local_devices()[0])
     return jax.device_put(tree, replicated(mesh))
 
 
