@@ -149,6 +149,37 @@ def assert_holds_best_slow_weights(predictor, step: int, workdir: pathlib.Path, 
     assert any(np.any(np.asarray(f) != np.asarray(s)) for f, s in zip(fast, slow))
 
 
+# The files that take longest, longest first (pytest --durations=0 on 2 cores). pytest.ini hands
+# whole files to the two xdist workers in collection order (--dist loadfile --no-loadscope-reorder),
+# so starting with these leaves short files for the end and the workers finish together. test_api
+# comes after test_training has had time to train the trained_run both read.
+LONGEST_FIRST = (
+    "test_training.py",
+    "test_unet.py",
+    "test_decoder.py",
+    "test_reliability.py",
+    "test_formats.py",
+    "test_models.py",
+    "test_lowering.py",
+    "test_api.py",
+    "test_mixed_precision.py",
+    "test_layers.py",
+    "test_kernels.py",
+    "test_multihost.py",
+    "test_accelerator.py",
+    "test_field.py",
+    "test_official.py",
+    "test_compare.py",
+    "test_parallel.py",
+)
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """Orders the collected tests by LONGEST_FIRST (a stable sort: the rest keep their order)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> pathlib.Path:
     """A folder holding the tiny synthetic dataset (written once per test session)."""
@@ -156,13 +187,29 @@ def synthetic_root(tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
-def trained_run(synthetic_root, tmp_path_factory):
+def trained_run(tmp_path_factory):
     """(config, workdir, result): a 4-step tiny run with checkpoints at steps 2 and 4 and its
-    evaluation, trained once per test session (process) for every test file that reads one."""
+    evaluation, trained once per test session for every test file that reads one (tests read it or
+    copy it; they never write into it).
+
+    Under xdist the workers share it: the first to need it trains it in their common folder under a
+    file lock, the others wait for the lock and read it (its data too: the run's config names it).
+    """
+    import fcntl
+    import json
+
     from ossnet_jax import training
 
-    workdir = tmp_path_factory.mktemp("run")
-    config = tiny_config(synthetic_root)
-    config.data.seed = 3  # a split of its own on the synthetic data the other runs share
-    result = training.train_and_evaluate(config, str(workdir))
-    return config, workdir, result
+    shared = os.environ.get("PYTEST_XDIST_WORKER") is not None
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if shared else base) / "trained_run"
+    folder.mkdir(exist_ok=True)
+    config = tiny_config(folder / "data")
+    config.data.seed = 3  # a split of its own
+    workdir, result_file = folder / "run", folder / "result.json"
+    with open(folder / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not result_file.exists():
+            result = training.train_and_evaluate(config, str(workdir))
+            result_file.write_text(json.dumps(result))
+    return config, workdir, json.loads(result_file.read_text())

@@ -91,8 +91,8 @@ def test_decoder_equals_blocks_on_the_concatenated_input(num_latents, kernels):
             )
         return jnp.sum(jnp.sin(x @ params["out"]["kernel"]))
 
-    got = jax.value_and_grad(decoder_fn, argnums=(0, 1, 2))(params, features, latents)
-    expected = jax.value_and_grad(plain, argnums=(0, 1, 2))(params, features, latents)
+    got = jax.jit(jax.value_and_grad(decoder_fn, argnums=(0, 1, 2)))(params, features, latents)
+    expected = jax.jit(jax.value_and_grad(plain, argnums=(0, 1, 2)))(params, features, latents)
     np.testing.assert_allclose(float(got[0]), float(expected[0]), rtol=1e-5, atol=1e-5)
     for g, e in zip(jax.tree.leaves(got[1]), jax.tree.leaves(expected[1])):
         np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=1e-4)

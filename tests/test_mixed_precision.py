@@ -29,7 +29,8 @@ def test_bfloat16_forward_is_close_to_float32(tmp_path):
     image = jax.random.normal(jax.random.key(0), (2,) + TINY_GRID + (4,))
     locs = jax.random.randint(jax.random.key(1), (2, 64, 3), 0, jnp.asarray(TINY_GRID))
     low, patches = oss_net_model.model_inputs(config, image, locs)
-    variables = model32.init(jax.random.key(2), low, locs, patches, train=False)
+    init = jax.jit(functools.partial(model32.init, train=False))
+    variables = init(jax.random.key(2), low, locs, patches)
     (p32, s32), (p16, s16) = [
         jax.jit(functools.partial(m.apply, train=False))(variables, low, locs, patches)
         for m in (model32, model16)
@@ -107,7 +108,8 @@ def test_predictor_computes_in_eval_dtype(tmp_path):
     image = jax.random.normal(jax.random.key(0), TINY_GRID + (4,))
     locs = np.asarray(jax.random.randint(jax.random.key(1), (100, 3), 0, jnp.asarray(TINY_GRID)))
     low, patches = oss_net_model.model_inputs(config, image[None], jnp.asarray(locs)[None])
-    variables = model.init(jax.random.key(2), low, jnp.asarray(locs)[None], patches, train=False)
+    init = jax.jit(functools.partial(model.init, train=False))
+    variables = init(jax.random.key(2), low, jnp.asarray(locs)[None], patches)
     probs = {}
     for dtype in ("float32", "bfloat16"):
         config.eval.dtype = dtype

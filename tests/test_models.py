@@ -64,10 +64,19 @@ def test_decode_of_encoded_latents_equals_call(tmp_path):
     image = jax.random.normal(jax.random.key(0), (1,) + TINY_GRID + (4,))
     locs = jax.random.randint(jax.random.key(1), (1, 9, 3), 0, 16)
     low, patches = oss_net_model.model_inputs(config, image, locs)
-    variables = model.init(jax.random.key(2), low, locs, patches, train=False)
-    logits, _ = model.apply(variables, low, locs, patches, train=False)
-    latents, _ = model.apply(variables, low, train=False, method=OSSNet.encode)
-    again = model.apply(variables, locs, patches, latents, train=False, method=OSSNet.decode)
+    variables = jax.jit(functools.partial(model.init, train=False))(
+        jax.random.key(2), low, locs, patches
+    )
+
+    @jax.jit  # one program each, not one per operation
+    def both(variables, low, locs, patches):
+        logits, _ = model.apply(variables, low, locs, patches, train=False)
+        latents, _ = model.apply(variables, low, train=False, method=OSSNet.encode)
+        return logits, model.apply(
+            variables, locs, patches, latents, train=False, method=OSSNet.decode
+        )
+
+    logits, again = both(variables, low, locs, patches)
     assert jnp.allclose(logits, again, atol=1e-6)
 
 

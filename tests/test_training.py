@@ -26,6 +26,7 @@ from ossnet_jax import (
     evaluation,
     families,
     kernels,
+    parallel,
     reporting,
     train_state,
     training,
@@ -81,7 +82,10 @@ def test_loss_falls_on_a_fixed_batch(synthetic_root):
     model = build_model(config)
     tx = train_state.make_optimizer(config)
     state = oss_net_step.init_state(config, model, tx, jax.random.key(0))
-    step = jax.jit(functools.partial(oss_net_step.train_step, model=model, tx=tx, config=config))
+    step = jax.jit(
+        functools.partial(oss_net_step.train_step, model=model, tx=tx, config=config),
+        donate_argnums=0,  # as in the test below: one program
+    )
     batch = jax.device_put(dataset.stack_batch(train_cases[:2]))
     losses = []
     for _ in range(25):
@@ -167,6 +171,35 @@ def test_checkpoint_round_trip_and_best_by_dice(tmp_path):
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     ckpt.close()
+
+
+def test_fresh_and_restored_states_lower_the_update_to_one_program(synthetic_root, tmp_path):
+    """Orbax restores committed arrays; the loop commits a fresh state too (parallel.replicate), so a
+    resumed run lowers the update step to the fresh run's program and the compilation cache serves
+    it. An uncommitted state lowers to another program (no sharding annotations)."""
+    config = mechanics_config(synthetic_root)
+    model = build_model(config)
+    tx = train_state.make_optimizer(config)
+    fresh = oss_net_step.init_state(config, model, tx, jax.random.key(0))
+    placed = parallel.replicate(fresh, None)
+    ckpt = checkpointing.Checkpoints(tmp_path / "work")
+    ckpt.save(1, placed, {"val_dice": 0.5})
+    restored = ckpt.restore(1, fresh)
+    ckpt.close()
+    train_cases, _ = dataset.load_split(config)
+    inputs = jax.eval_shape(
+        lambda b: oss_net_step.prepare_inputs(
+            b, jax.random.key(1), jnp.asarray(0, jnp.int32), config=config
+        ),
+        dataset.stack_batch(train_cases[:2]),
+    )
+    update = jax.jit(
+        functools.partial(oss_net_step.update_step, model=model, tx=tx, config=config),
+        donate_argnums=0,
+    )
+    text = lambda state: update.trace(state, inputs, jax.random.key(1)).lower().as_text()
+    assert text(placed) == text(restored)
+    assert text(fresh) != text(restored)
 
 
 @pytest.mark.slow
@@ -362,8 +395,9 @@ def test_resume_reaches_the_same_parameters(trained, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_evaluate_reproduces_metrics_from_the_checkpoint(trained):
-    _, workdir, result = trained
+def test_evaluate_reproduces_metrics_from_the_checkpoint(trained, tmp_path):
+    _, _, result = trained
+    workdir = _copy(trained, tmp_path)
     again = evaluation.evaluate(evaluation.load_config(workdir), workdir, overwrite=True)
     for a, b in zip(again["cases"], result["cases"]):
         assert a["id"] == b["id"] and a["decoder_points"] == b["decoder_points"]
@@ -385,11 +419,14 @@ def test_predictor_batches_equal_direct_application_on_every_voxel(trained):
     grid, evaluations = predictor.predict(image)
     assert evaluations == grid.size
     locs = np.argwhere(np.ones(grid.shape, bool)).astype(np.int32)
-    low, patches = oss_net_model.model_inputs(
-        config, jnp.asarray(image)[None], jnp.asarray(locs)[None]
-    )
     model = build_model(config)
-    logits, _ = model.apply(predictor.variables, low, jnp.asarray(locs)[None], patches, train=False)
+
+    @jax.jit  # one program, not one per operation
+    def direct_logits(variables, image, locs):
+        low, patches = oss_net_model.model_inputs(config, image[None], locs[None])
+        return model.apply(variables, low, locs[None], patches, train=False)[0]
+
+    logits = direct_logits(predictor.variables, jnp.asarray(image), jnp.asarray(locs))
     direct = (jax.nn.sigmoid(logits[0]) > config.eval.threshold).reshape(grid.shape)
     np.testing.assert_array_equal(grid, np.asarray(direct))
     latents, _, source = predictor.encode(predictor.variables, jnp.asarray(image))

@@ -2,6 +2,7 @@
 shapes, skip connections, crops and slices, sliding windows, slice stacking, loss, and train ->
 evaluate through training.train_and_evaluate for both families."""
 
+import functools
 import json
 import os
 import pathlib
@@ -235,8 +236,8 @@ def test_residual_block_equals_the_former_unet_unit(
     ours = ResidualBlock(features, activation, kernels=kernels, downsample=downsample)
     reference = _FormerUnit(features, downsample, activation)
     x = jnp.asarray(rng.normal(size=shape), jnp.float32)
-    variables = ours.init(jax.random.key(0), x, train=False)
-    ref_variables = reference.init(jax.random.key(0), x, train=False)
+    init = lambda module: jax.jit(functools.partial(module.init, train=False))(jax.random.key(0), x)
+    variables, ref_variables = init(ours), init(reference)
     assert _variable_table(variables) == _variable_table(ref_variables)
     params = jax.tree.map(
         lambda p: p + 0.1 * jnp.asarray(rng.normal(size=p.shape), jnp.float32),
@@ -246,7 +247,7 @@ def test_residual_block_equals_the_former_unet_unit(
         lambda s: s + jnp.asarray(rng.uniform(0.2, 0.5, s.shape), jnp.float32),
         variables["batch_stats"],
     )
-    out_shape = ours.apply(variables, x, train=False).shape
+    out_shape = jax.eval_shape(lambda: ours.apply(variables, x, train=False)).shape
     weight = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
 
     def train_step(module):
@@ -265,7 +266,9 @@ def test_residual_block_equals_the_former_unet_unit(
         jax.tree.leaves((grads, new_stats)), jax.tree.leaves((ref_grads, ref_stats))
     ):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
-    evaluate = lambda module: module.apply({"params": params, "batch_stats": stats}, x, train=False)
+    evaluate = lambda module: jax.jit(functools.partial(module.apply, train=False))(
+        {"params": params, "batch_stats": stats}, x
+    )
     np.testing.assert_allclose(
         np.asarray(evaluate(ours)), np.asarray(evaluate(reference)), rtol=1e-5, atol=1e-5
     )
