@@ -2,8 +2,8 @@
 
 Every test, and every python subprocess a test starts (they inherit the environment), shares one
 persistent JAX compilation cache in a folder made for the session: every program, however small, that
-several tests, both xdist workers or train.py runs compile is compiled once. It is set here, before anything imports jax; a cache folder
-already named in JAX_COMPILATION_CACHE_DIR is used instead. XLA_FLAGS get the entry points' XLA:CPU
+several tests, both xdist workers or train.py runs compile is compiled once. It is set here, before
+anything imports jax; a cache folder already named in JAX_COMPILATION_CACHE_DIR is used instead. XLA_FLAGS get the entry points' XLA:CPU
 flags (ossnet_jax/kernels/cpu/xla_flags.py) here too, so the tests run the programs users run, and
 GLIBC_TUNABLES the huge-page setting the entry points re-execute themselves to get (kernels/cpu/hostmem.py).
 

@@ -13,7 +13,8 @@ from ossnet_jax import compare, families, train_state
 from ossnet_jax.errors import ConfigError
 from tests.conftest import tiny_config, tiny_unet_config
 
-TINY_SPEC = """# tests/conftest.py's mechanics config (its programs are compiled once), as --configs / --base name it
+TINY_SPEC = """# tests/conftest.py's mechanics config (its programs are compiled once),
+# as --configs / --base name it
 import pathlib
 
 from tests.conftest import mechanics_config
