@@ -64,7 +64,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ossnet_jax import cli, families, files, runtime, training
-from ossnet_jax.data import dataset
+from ossnet_jax.data import dataset, planning
 from ossnet_jax.errors import ConfigError
 from ossnet_jax.train_state import make_optimizer
 
@@ -402,9 +402,11 @@ def bar_chart(rows: list[dict]) -> bytes:
 
 
 def dataset_label(data: ml_collections.ConfigDict) -> str:
-    """'synthetic vessels (data/synthetic_brats)': the format (the synthetic data's kind too), root."""
-    kind = f" {data.get('synthetic_kind', 'tumour')}" if data.format == "synthetic" else ""
-    return f"{data.format}{kind} ({data.root})"
+    """'synthetic vessels (data/synthetic_brats/vessels-cases40-seed0-88x88x58)': the format (the
+    synthetic data's kind too) and the folder of its cases."""
+    if data.format != "synthetic":
+        return f"{data.format} ({data.root})"
+    return f"{data.format} {planning.synthetic_kind(data)} ({dataset.synthetic_folder(data)})"
 
 
 def compare(

@@ -141,6 +141,18 @@ def test_markdown_names_the_wall_clock_budget():
     assert "equal wall-clock budget of 600 s of training" in text and "20-step probe" in text
 
 
+def test_the_dataset_label_names_the_folder_of_each_synthetic_kind(tmp_path):
+    config = tiny_config(tmp_path)
+    tumours = compare.dataset_label(config.data)
+    config.data.synthetic_kind = "vessels"
+    vessels = compare.dataset_label(config.data)
+    assert tumours.startswith("synthetic tumour (") and vessels.startswith("synthetic vessels (")
+    assert tumours != vessels and str(tmp_path) in vessels and "vessels-cases" in vessels
+    assert not any(tmp_path.iterdir())  # the label writes no data
+    config.data.format, config.data.root = "brats", "data/BraTS"
+    assert compare.dataset_label(config.data) == "brats (data/BraTS)"
+
+
 def test_parse_overrides_reads_literals_else_strings():
     pairs = ["train.steps=30", "train.learning_rate=1e-3", "model.large_patches=True"]
     pairs += ["model.encoder_channels=(16, 32)", "data.root=runs/data x", "eval.strategy=dense"]

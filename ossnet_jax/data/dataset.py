@@ -172,21 +172,30 @@ def _case_geometries(config: ml_collections.ConfigDict) -> list[planning.CaseGeo
     return geometries
 
 
+def synthetic_folder(data: ml_collections.ConfigDict) -> pathlib.Path:
+    """Where the synthetic data of `data` (config.data, format 'synthetic') lives: a subfolder of
+    data.root named by its kind and generator settings; nothing is written."""
+    shape = tuple(int(s) for s in data.synthetic_shape)
+    seed = int(data.get("synthetic_seed", 0))
+    module = synthetic_vessels if planning.synthetic_kind(data) == "vessels" else synthetic
+    return pathlib.Path(data.root) / module.settings_folder(data.synthetic_cases, seed, shape)
+
+
 def dataset_root(config: ml_collections.ConfigDict) -> pathlib.Path:
     """The folder of cases; the synthetic data (data.synthetic_kind: BraTS-like tumours or vessels in
-    an MSD task) is written on first use, into a subfolder of data.root named by its kind and
-    generator settings, so that datasets of different settings live side by side."""
-    root = pathlib.Path(config.data.root)
-    if config.data.format == "synthetic":
-        d = config.data
-        shape = tuple(int(s) for s in d.synthetic_shape)
-        seed = int(d.get("synthetic_seed", 0))
-        if planning.synthetic_kind(d) == "vessels":
-            folder = root / synthetic_vessels.settings_folder(d.synthetic_cases, seed, shape)
-            return synthetic_vessels.write_synthetic_vessels(folder, d.synthetic_cases, seed, shape)
-        folder = root / synthetic.settings_folder(d.synthetic_cases, seed, shape)
-        return synthetic.write_synthetic_brats(folder, d.synthetic_cases, seed, shape)
-    return root
+    an MSD task) is written on first use into its synthetic_folder, so that datasets of different
+    settings live side by side."""
+    d = config.data
+    if d.format != "synthetic":
+        return pathlib.Path(d.root)
+    shape = tuple(int(s) for s in d.synthetic_shape)
+    seed = int(d.get("synthetic_seed", 0))
+    write = (
+        synthetic_vessels.write_synthetic_vessels
+        if planning.synthetic_kind(d) == "vessels"
+        else synthetic.write_synthetic_brats
+    )
+    return write(synthetic_folder(d), d.synthetic_cases, seed, shape)
 
 
 def layout_format(config: ml_collections.ConfigDict) -> str:
