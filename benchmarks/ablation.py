@@ -60,6 +60,7 @@ VARIANTS = {
     "latent_coarse": {"model.encoder_channels": (16, 32, 64, 128)},
     "steps_800": {"train.steps": 800},  # steps: 400
     "continuous": {"train.continuous_locations": True},  # real-valued locations: off
+    "decay_early": {"train.lr_decay_fractions": (0.4, 0.6)},  # lr x0.1 at: (0.8, 0.9)
     # not one knob: the two that helped on both datasets, together
     "combined": {"model.large_patches": True, "train.border_fraction": 0.8},
 }
