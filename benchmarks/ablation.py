@@ -61,6 +61,7 @@ VARIANTS = {
     "steps_800": {"train.steps": 800},  # steps: 400
     "continuous": {"train.continuous_locations": True},  # real-valued locations: off
     "decay_early": {"train.lr_decay_fractions": (0.4, 0.6)},  # lr x0.1 at: (0.8, 0.9)
+    "point_dice": {"train.point_dice_weight": 1.0},  # soft Dice of the locations: 0 (BCE only)
     # not one knob: the two that helped on both datasets, together
     "combined": {"model.large_patches": True, "train.border_fraction": 0.8},
 }

@@ -108,6 +108,9 @@ def get_base_config(preset: str = "brats") -> ml_collections.ConfigDict:
     train.lookahead_steps = 5
     train.lookahead_alpha = 0.8
     train.seg_loss_weight = 0.1
+    # > 0: the point loss adds this x the soft Dice of the sampled locations (as the U-Nets' Dice +
+    # cross-entropy); 0: BCE only, the published recipe
+    train.point_dice_weight = 0.0
     train.flip_probability = 0.5
     train.brightness_shift = 0.15
     train.noise_std = 0.15

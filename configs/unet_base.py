@@ -3,7 +3,7 @@
 data.*, train.* and eval.* mean what they mean for OSS-Net (configs/base.py); the data, split, optimizer,
 schedule, augmentation and checkpoint cadence are the same. A U-Net config replaces config.model,
 drops the keys only occupancy networks read (train.num_points, border_fraction, seg_loss_weight,
-eval_points; eval.strategy and the refinement keys) and adds:
+point_dice_weight, eval_points; eval.strategy and the refinement keys) and adds:
   data.downscale             the network sees the grid average-pooled by this factor and its logits are
                              resized back (1: full resolution, the default here)
   train.foreground_fraction  share of crops (3D) or slices (2D) drawn through a foreground voxel
@@ -21,7 +21,13 @@ import ml_collections
 from configs.base import get_base_config
 
 OCCUPANCY_ONLY = {
-    "train": ("num_points", "border_fraction", "seg_loss_weight", "eval_points"),
+    "train": (
+        "num_points",
+        "border_fraction",
+        "seg_loss_weight",
+        "point_dice_weight",
+        "eval_points",
+    ),
     "eval": (
         "strategy",
         "strides",

@@ -1,5 +1,6 @@
 """Losses: the official OSS-Net recipe (BCE at the sampled locations plus a weighted BCE of the
-segmentation head) and the U-Nets' dense Dice + cross-entropy.
+segmentation head), optionally with a soft Dice of the sampled locations (train.point_dice_weight),
+and the U-Nets' dense Dice + cross-entropy.
 
 The point loss of the other label modes lives with them in data/labels.py (LabelSpec.point_loss).
 """
@@ -43,6 +44,18 @@ def soft_dice_loss(probs: jax.Array, masks: jax.Array) -> jax.Array:
     overlap = jnp.sum(probs * masks, axis=axes)
     total = jnp.sum(probs, axis=axes) + jnp.sum(masks, axis=axes)
     return 1.0 - jnp.mean((2.0 * overlap + DICE_SMOOTHING) / (total + DICE_SMOOTHING))
+
+
+def point_dice_loss(spec: LabelSpec, logits: jax.Array, index: jax.Array) -> jax.Array:
+    """soft_dice_loss of decoder logits (B, N[, O]) at sampled locations against class indices (B, N):
+    the sums run over every location of the batch; 'multiclass' scores the non-background classes.
+    float32 scalar."""
+    probs = spec.probabilities(logits)
+    if spec.mode == "binary":
+        probs = probs[..., None]
+    elif spec.mode == "multiclass":
+        probs = probs[..., 1:]
+    return soft_dice_loss(probs, spec.channel_masks(index))
 
 
 def dice_ce_loss(

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from ossnet_jax import reporting
+from ossnet_jax import losses, reporting
 from ossnet_jax.data import labels, nifti
 from ossnet_jax.families.oss_net import predictor as oss_net_predictor
 
@@ -70,6 +70,29 @@ def test_regions_loss_is_bce_of_each_region():
         jnp.asarray(logits, jnp.float32), jnp.asarray(index)
     )
     np.testing.assert_allclose(float(loss), reference, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", labels.MODES)
+def test_point_dice_loss_matches_a_float64_soft_dice_over_every_sampled_location(mode):
+    """1 - mean over channels of (2 sum p m + 1) / (sum p + sum m + 1), the sums over both volumes'
+    locations; channels: the foreground (binary), the non-background classes (softmax), the regions."""
+    spec = spec_for(mode)
+    rng = np.random.default_rng(2)
+    shape = (2, 40) if mode == "binary" else (2, 40, spec.num_outputs)
+    logits = rng.normal(size=shape) * 2
+    index = rng.integers(0, 4, size=(2, 40))  # class indices into labels (0, 1, 2, 4)
+    if mode == "multiclass":
+        e = np.exp(logits - logits.max(-1, keepdims=True))
+        p = (e / e.sum(-1, keepdims=True))[..., 1:]
+        masks = index[..., None] == np.arange(1, 4)
+    else:
+        p = 1 / (1 + np.exp(-logits.reshape(2, 40, -1)))
+        values = np.array([0, 1, 2, 4])[index]
+        regions = ((1, 2, 4),) if mode == "binary" else ((1, 2, 4), (1, 4), (4,))
+        masks = np.stack([np.isin(values, r) for r in regions], axis=-1)
+    dice = (2 * (p * masks).sum((0, 1)) + 1) / (p.sum((0, 1)) + masks.sum((0, 1)) + 1)
+    got = losses.point_dice_loss(spec, jnp.asarray(logits, jnp.float32), jnp.asarray(index))
+    np.testing.assert_allclose(float(got), 1 - dice.mean(), rtol=1e-5)
 
 
 def test_decisions_give_label_values_and_a_foreground_score():

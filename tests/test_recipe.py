@@ -143,6 +143,41 @@ def test_segmentation_head_adds_its_weighted_loss_to_the_point_loss(tmp_path):
     )
 
 
+def _soft_dice64(z, y):
+    """1 - (2 sum p y + 1) / (sum p + sum y + 1) of logits z (p = sigmoid z) against 0/1 targets y,
+    the sums over every entry, and its derivative in z."""
+    p = 1 / (1 + np.exp(-z))
+    overlap, total = 2 * np.sum(p * y) + 1, np.sum(p) + np.sum(y) + 1
+    d_p = -(2 * y * total - overlap) / total**2
+    return 1 - overlap / total, d_p * p * (1 - p)
+
+
+def test_point_dice_weight_adds_the_soft_dice_of_the_locations_to_the_point_loss(tmp_path):
+    """train.point_dice_weight w: point loss = BCE + w x soft Dice over the batch's locations; the
+    first update moves the point logits' scale by the rate times the gradient of both."""
+    config = tiny_config(tmp_path)
+    config.train.point_dice_weight = weight = 0.7
+    config.train.seg_loss_weight = 0.0
+    rng = np.random.default_rng(3)
+    point, seg = rng.normal(size=(2, 16)) * 2, rng.normal(size=(2, 4, 4, 2))
+    index = rng.integers(0, 4, size=(2, 16))
+    model = _Fixed(point.tolist(), seg.tolist())
+    tx = train_state.make_optimizer(config)
+    state = train_state.state_from_variables(
+        model.init(jax.random.key(0), None, None, None, False), tx
+    )
+    inputs = {"low": jnp.zeros(()), "locations": jnp.zeros(()), "index": jnp.asarray(index)}
+    inputs["coarse"] = jnp.zeros((2, 4, 4, 2, 1), bool)
+    update = functools.partial(oss_net_step.update_step, model=model, tx=tx, config=config)
+    new, out = jax.jit(update)(state, inputs, jax.random.key(0))
+    y = (index > 0).astype(float)
+    (bce, bce_grad), (dice, dice_grad) = _bce64(point, y), _soft_dice64(point, y)
+    np.testing.assert_allclose(float(out["point_loss"]), bce + weight * dice, rtol=1e-5)
+    gradient = np.sum((bce_grad + weight * dice_grad) * point)
+    rate = config.train.learning_rate
+    np.testing.assert_allclose(float(new.params.fast["a"]), 1 - rate * gradient, rtol=1e-5)
+
+
 def test_coarse_target_is_the_max_over_each_cell():
     target = np.random.default_rng(2).random(size=(2, 8, 6, 4, 3)) < 0.05
     got = np.asarray(losses.max_pool_target(jnp.asarray(target), (4, 2, 2)))
