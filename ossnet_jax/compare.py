@@ -51,6 +51,7 @@ import json
 import os
 import pathlib
 import platform
+import shlex
 import shutil
 import statistics
 import sys
@@ -355,7 +356,8 @@ def markdown(rows: list[dict], settings: dict) -> str:
         f"{settings['val_cases']} validation cases)",
         "",
         f"Same split, {equal}, seed {settings['seed']}; {settings['machine']}; "
-        f"total wall time {settings['wall_s'] / 60:.1f} min. Written by `python -m ossnet_jax.compare`.",
+        f"total wall time {settings['wall_s'] / 60:.1f} min. Written by "
+        f"`{shlex.join(['python', '-m', 'ossnet_jax.compare', *settings.get('command', [])])}`.",
         "",
         "| model | Dice | IoU | HD95 mm | ASD mm | surface Dice | train memory MiB | params | "
         "outputs / step | outputs / s | s / step | inference s / case | network outputs / case | "
@@ -527,6 +529,7 @@ def main(argv: list[str]) -> None:
         args.budget_s,
         args.probe_steps,
     )
+    settings["command"] = list(argv[1:])  # the arguments, for the table's "Written by"
     write(rows, settings, pathlib.Path(args.out))
     print(markdown(rows, settings))
 

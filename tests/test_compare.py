@@ -102,6 +102,7 @@ def test_write_gives_json_markdown_and_png(tmp_path):
         "seed": 0,
         "machine": "cpu",
         "wall_s": 120.0,
+        "command": ["--steps", "4", "--set", "train.lr_decay_fractions=(0.4, 0.6)"],
     }
     compare.write(rows, settings, tmp_path / "out" / "compare")
     saved = json.loads((tmp_path / "out" / "compare.json").read_text())
@@ -115,6 +116,8 @@ def test_write_gives_json_markdown_and_png(tmp_path):
         and "| 4 | 8.0 | 60 |" in body[0]
     )
     assert "equal steps (4 steps)" in table[2]
+    command = "python -m ossnet_jax.compare --steps 4 --set 'train.lr_decay_fractions=(0.4, 0.6)'"
+    assert f"Written by `{command}`." in table[2]
     assert (tmp_path / "out" / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
 

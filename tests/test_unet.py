@@ -515,6 +515,7 @@ def test_compare_runs_as_a_program_and_tabulates_a_finished_run(trained, tmp_pat
     assert row["dice"] == pytest.approx(result["mean"]["dice"])
     assert row["train_memory_mib"] > 0 and row["outputs_per_s"] > 0
     assert saved["settings"]["steps"] == 4 and saved["settings"]["val_cases"] == 2
+    assert saved["settings"]["command"] == [*args, "--out", str(out)]
     assert f"| tiny:unet2d | {row['dice']:.4f}" in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["2", "4"]
