@@ -48,9 +48,7 @@ def get_base_config(preset: str = "brats") -> ml_collections.ConfigDict:
     data.normalize = "nonzero"
     data.resample = False  # False: pad into grid_shape (BraTS); True: resample to it (LiTS)
     data.reorient = True  # True: to RAS voxel order; False: the arrays as stored (the release)
-    data.pad_remainder = (
-        "after"  # where an odd padding voxel goes: 'after' | 'before' (the release)
-    )
+    data.pad_remainder = "after"  # where an odd padding voxel goes: 'after' | 'before' (release)
     # trilinear resampling (data.resample) reads 'zero' outside the volume | the 'edge' voxel (PyTorch's
     # align_corners=False, the release)
     data.resample_border = "zero"
