@@ -46,10 +46,10 @@ def soft_dice_loss(probs: jax.Array, masks: jax.Array) -> jax.Array:
     return 1.0 - jnp.mean((2.0 * overlap + DICE_SMOOTHING) / (total + DICE_SMOOTHING))
 
 
-def point_dice_loss(spec: LabelSpec, logits: jax.Array, index: jax.Array) -> jax.Array:
-    """soft_dice_loss of decoder logits (B, N[, O]) at sampled locations against class indices (B, N):
-    the sums run over every location of the batch; 'multiclass' scores the non-background classes.
-    float32 scalar."""
+def label_dice_loss(spec: LabelSpec, logits: jax.Array, index: jax.Array) -> jax.Array:
+    """soft_dice_loss of logits (..., O) (binary: (...)) against class indices (...): sums over every
+    location or voxel of the batch; 'multiclass' scores the non-background classes. float32 scalar.
+    OSS-Net's sampled locations (train.point_dice_weight) and the U-Nets' voxels use it alike."""
     probs = spec.probabilities(logits)
     if spec.mode == "binary":
         probs = probs[..., None]
@@ -76,9 +76,7 @@ def dice_ce_loss(
     Returns:
       (loss, cross-entropy, Dice loss), float32 scalars.
     """
-    probs = spec.probabilities(logits)
-    if spec.mode == "multiclass":
-        probs = probs[..., 1:]
-    ce = spec.point_loss(logits[..., 0] if spec.mode == "binary" else logits, index)
-    dice = soft_dice_loss(probs, spec.channel_masks(index))
+    logits = logits[..., 0] if spec.mode == "binary" else logits
+    ce = spec.point_loss(logits, index)
+    dice = label_dice_loss(spec, logits, index)
     return dice_weight * dice + ce_weight * ce, ce, dice

@@ -73,7 +73,7 @@ def test_regions_loss_is_bce_of_each_region():
 
 
 @pytest.mark.parametrize("mode", labels.MODES)
-def test_point_dice_loss_matches_a_float64_soft_dice_over_every_sampled_location(mode):
+def test_label_dice_loss_matches_a_float64_soft_dice_over_every_sampled_location(mode):
     """1 - mean over channels of (2 sum p m + 1) / (sum p + sum m + 1), the sums over both volumes'
     locations; channels: the foreground (binary), the non-background classes (softmax), the regions."""
     spec = spec_for(mode)
@@ -91,7 +91,7 @@ def test_point_dice_loss_matches_a_float64_soft_dice_over_every_sampled_location
         regions = ((1, 2, 4),) if mode == "binary" else ((1, 2, 4), (1, 4), (4,))
         masks = np.stack([np.isin(values, r) for r in regions], axis=-1)
     dice = (2 * (p * masks).sum((0, 1)) + 1) / (p.sum((0, 1)) + masks.sum((0, 1)) + 1)
-    got = losses.point_dice_loss(spec, jnp.asarray(logits, jnp.float32), jnp.asarray(index))
+    got = losses.label_dice_loss(spec, jnp.asarray(logits, jnp.float32), jnp.asarray(index))
     np.testing.assert_allclose(float(got), 1 - dice.mean(), rtol=1e-5)
 
 

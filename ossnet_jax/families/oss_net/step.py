@@ -132,7 +132,7 @@ def update_step(
         )
         point_loss = spec.point_loss(logits, index)
         if t.get("point_dice_weight", 0.0):
-            point_loss += t.point_dice_weight * losses.point_dice_loss(spec, logits, index)
+            point_loss += t.point_dice_weight * losses.label_dice_loss(spec, logits, index)
         seg_loss = jnp.zeros(())
         if seg is not None:
             coarse = inputs["coarse"]
