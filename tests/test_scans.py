@@ -33,7 +33,7 @@ def test_a_folder_of_case_folders_gives_every_case_sorted(tmp_path):
     for case_id in ("b", "a"):
         brats_case(tmp_path, case_id, label=False)
     (tmp_path / "empty").mkdir()
-    found = scans.find_scans(tmp_path, "synthetic")
+    found = scans.find_scans(tmp_path, "brats")
     assert [s.id for s in found] == ["a", "b"]
     assert all(len(s.image_paths) == len(MODALITIES) for s in found)
 

@@ -3,9 +3,10 @@
 PATH is one of:
 * an image file (``.nii`` / ``.nii.gz``): one scan holding every channel (3D: one channel; 4D:
   channels on the 4th axis, as MSD images);
-* a case folder, holding image files directly: one scan. For the BraTS layout (data.format 'brats'
-  or 'synthetic', one file per modality) its channels are the files named ``*_flair``, ``*_t1``,
-  ``*_t1ce``, ``*_t2`` (in that order, any prefix); for the other formats it holds one image file;
+* a case folder, holding image files directly: one scan. In the BraTS layout (one file per
+  modality: the 'brats' format and the synthetic tumours) its channels are the files named
+  ``*_flair``, ``*_t1``, ``*_t1ce``, ``*_t2`` (in that order, any prefix); in the others it holds one
+  image file;
 * a folder of these: every image file directly in it (formats with one file per case), or every
   subfolder holding image files, each a case folder.
 
@@ -22,7 +23,7 @@ from ossnet_jax.data.layouts import Case
 from ossnet_jax.data.nifti import DataError
 from ossnet_jax.data.synthetic import MODALITIES
 
-ONE_FILE_PER_MODALITY = ("brats", "synthetic")  # data.format values whose channels are files
+ONE_FILE_PER_MODALITY = ("brats",)  # layouts (dataset.layout_format) whose channels are files
 _EXTENSIONS = (".nii.gz", ".nii")
 
 
@@ -72,7 +73,8 @@ def _case_folder(folder: Path, modalities: tuple[str, ...]) -> Case:
 
 
 def find_scans(path: str | os.PathLike[str], fmt: str) -> list[Case]:
-    """The scans at `path` (see the module docstring) for a model trained on data.format `fmt`.
+    """The scans at `path` (see the module docstring) in the layout `fmt` of the model's data
+    (dataset.layout_format: 'brats', 'lits' or 'msd').
 
     Returns:
         Cases without labels, sorted by id; each ``image_paths`` holds one file per modality
