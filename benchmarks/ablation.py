@@ -51,6 +51,8 @@ VARIANTS = {
     "points_4096": {"train.num_points": 4096},
     "border_0": {"train.border_fraction": 0.0},  # share drawn from the border band: 0.5
     "border_0.8": {"train.border_fraction": 0.8},
+    "band_3": {"data.band_size": 3},  # max-pool edge of the border band around the label: 13
+    "band_7": {"data.band_size": 7},
     "patch_5": {"model.patch_size": 5},  # patch edge in voxels, odd: 7
     "patch_9": {"model.patch_size": 9},
     "large_patches": {"model.large_patches": True},  # a 14^3 patch pooled to 7^3 as extra channels
@@ -62,8 +64,16 @@ VARIANTS = {
     "continuous": {"train.continuous_locations": True},  # real-valued locations: off
     "decay_early": {"train.lr_decay_fractions": (0.4, 0.6)},  # lr x0.1 at: (0.8, 0.9)
     "point_dice": {"train.point_dice_weight": 1.0},  # soft Dice of the locations: 0 (BCE only)
+    "seg_weight_1": {"train.seg_loss_weight": 1.0},  # the encoder's dense low-res loss: 0.1
     # not one knob: the two that helped on both datasets, together
     "combined": {"model.large_patches": True, "train.border_fraction": 0.8},
+    # not one knob: the four that gained in single-seed runs (vessels, or the former preset), together
+    "stacked": {
+        "model.decoder_width": 256,
+        "model.large_patches": True,
+        "train.border_fraction": 0.8,
+        "train.point_dice_weight": 1.0,
+    },
 }
 BASELINE = "baseline"
 
